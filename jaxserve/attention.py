@@ -1,0 +1,71 @@
+"""The attention backend interface: the per-step attention metadata, the KV cache write, and
+the choice between the pure-JAX reference and the Pallas kernels.
+
+The KV cache of one layer is one array `[2, num_blocks, block_size, num_kv_heads, head_dim]`
+(keys, then values). Slot `b * block_size + i` is token `i` of block `b`.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["slot_mapping", "block_tables", "kv_lens", "cu_q_lens", "num_seqs"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each token of the flat ragged batch reads and writes the paged cache.
+
+    slot_mapping: [num_tokens] int32, cache slot each token's K/V goes to; padding tokens hold
+      an out-of-range slot, so their writes are dropped.
+    block_tables: [num_seqs_padded, max_blocks_per_seq] int32.
+    kv_lens: [num_seqs_padded] int32, cached tokens of each sequence after this step.
+    cu_q_lens: [num_seqs_padded + 1] int32, start of each sequence's tokens in the batch.
+    num_seqs: [] int32, real sequences; the rest are padding.
+    """
+
+    slot_mapping: jax.Array
+    block_tables: jax.Array
+    kv_lens: jax.Array
+    cu_q_lens: jax.Array
+    num_seqs: jax.Array
+
+
+def write_kv(kv_cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+    """Scatters this step's keys and values ([num_tokens, num_kv_heads, head_dim]) into the cache."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.reshape(2, num_blocks * block_size, num_kv_heads, head_dim)
+    kv = jnp.stack([k, v]).astype(kv_cache.dtype)
+    flat = flat.at[:, slot_mapping].set(kv, mode="drop")
+    return flat.reshape(kv_cache.shape)
+
+
+def copy_blocks(kv_cache: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
+    """Copies whole blocks src[i] -> dst[i] ([num_copies] int32; out-of-range dst is skipped)."""
+    return kv_cache.at[:, dst].set(kv_cache[:, jnp.clip(src, 0, kv_cache.shape[1] - 1)], mode="drop")
+
+
+def resolve_backend(name: str) -> str:
+    """"auto" is the Pallas kernel on GPU and TPU and the reference on CPU."""
+    if name != "auto":
+        return name
+    return "reference" if jax.default_backend() == "cpu" else "pallas"
+
+
+def paged_attention(q: jax.Array, kv_cache: jax.Array, md: AttentionMetadata, *, sm_scale: float,
+                    sliding_window: int | None, backend: str) -> jax.Array:
+    """Ragged paged attention of q [num_tokens, num_q_heads, head_dim] over the layer's cache."""
+    if backend == "pallas":
+        from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+        fn = ragged_paged_attention
+    elif backend == "reference":
+        fn = ragged_paged_attention_reference
+    else:
+        raise ValueError(f"attention backend must be 'pallas' or 'reference', got {backend!r}")
+    return fn(q, kv_cache[0], kv_cache[1], md.kv_lens, md.block_tables, md.cu_q_lens, md.num_seqs,
+              sm_scale=sm_scale, sliding_window=sliding_window)

@@ -1,0 +1,291 @@
+"""The engine: requests in, outputs out, one scheduler step at a time.
+
+`add_request` validates and queues; `step` schedules, runs the compiled step, then for every
+sampled row appends the token, detokenizes incrementally, checks stop conditions, frees the
+blocks of finished sequences and emits `RequestOutput`s. An error in one request finishes that
+request with finish_reason "error"; it never stops the engine.
+"""
+
+import dataclasses
+import itertools
+import logging
+import random
+import time
+
+from jaxserve.checkpoint import load_model
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.default_model import resolve_model_path
+from jaxserve.kv_cache import KVCacheManager
+from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxserve.request import Sequence
+from jaxserve.runner import ModelRunner, SampledRow
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import Scheduler
+from jaxserve.scheduling_policy import make_policy
+from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+    detokenizers: list[IncrementalDetokenizer | None]
+    texts: list[str]
+    stop_reasons: list[str | int | None]
+    held: list[str]  # text withheld per sequence because it may begin a stop string
+
+
+@dataclasses.dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_kv_blocks: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    num_generated_tokens: int
+    num_prompt_tokens_computed: int
+
+
+class Engine:
+    def __init__(self, model_path: str, config: EngineConfig = EngineConfig(), *,
+                 precompile: bool = True, progress: bool = True, skip_tokenizer: bool = False):
+        self.model_path = resolve_model_path(model_path)
+        model_config = ModelConfig.from_dir(self.model_path)
+        self.config = config.resolve(model_config)
+        self.model_config = model_config
+        self.tokenizer = None if skip_tokenizer else Tokenizer.from_dir(self.model_path)
+        model = load_model(self.model_path, self.config.dtype, progress=progress)
+        self.runner = ModelRunner(model, self.config, self.config.num_kv_blocks, precompile, progress)
+        self.kv_cache = KVCacheManager(self.runner.num_kv_blocks, self.config.block_size,
+                                       self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.kv_cache, make_policy(self.config.scheduling_policy))
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._seed_rng = random.Random(self.config.seed)
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens_computed = 0
+
+    # ----- requests in -------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, *, priority: int = 0, client_id: str = "",
+                    arrival_time: float | None = None) -> str:
+        """Validates and queues one request; raises ValueError naming the bad field."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._request_ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt_ids = self._prompt_ids(prompt)
+        self._validate(prompt_ids, params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        base_seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**32 - 64)
+        seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
+                         (base_seed + i) % 2**32, arrival, priority=priority, client_id=client_id)
+                for i in range(params.n)]
+        seqs[0].fork_children = seqs[1:]
+        detoks = [IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+                  if self.tokenizer else None for _ in seqs]
+        self.requests[request_id] = _Request(
+            request_id, prompt if isinstance(prompt, str) else None, list(prompt_ids), params, seqs,
+            arrival, detoks, [""] * len(seqs), [None] * len(seqs), [""] * len(seqs))
+        self.scheduler.add(seqs[0])
+        return request_id
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt: this engine has no tokenizer; give token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise ValueError("prompt_token_ids must be integers")
+        if not ids:
+            raise ValueError("prompt is empty")
+        return ids
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        c, vocab = self.config, self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= c.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the limit is max_model_len - 1 "
+                             f"= {c.max_model_len - 1} (max_model_len {c.max_model_len})")
+        if params.n > c.max_num_seqs:
+            raise ValueError(f"SamplingParams.n ({params.n}) exceeds max_num_seqs ({c.max_num_seqs})")
+        if params.logprobs is not None and params.logprobs > c.max_logprobs:
+            raise ValueError(f"SamplingParams.logprobs ({params.logprobs}) exceeds max_logprobs "
+                             f"({c.max_logprobs})")
+        if len(params.stop_token_ids) > c.max_stop_token_ids:
+            raise ValueError(f"SamplingParams.stop_token_ids has {len(params.stop_token_ids)} ids; "
+                             f"at most {c.max_stop_token_ids}")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids must be < vocab size {vocab}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop needs a tokenizer; this engine has none")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops a request now and frees its blocks; unknown or finished ids are ignored."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        return self._finish_request(req)
+
+    # ----- one step ----------------------------------------------------------------------
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration; returns an output for every request that changed."""
+        sched = self.scheduler.schedule()
+        touched: dict[str, _Request] = {}
+        for seq in self.scheduler.take_rejected():
+            touched[seq.request_id] = self.requests[seq.request_id]
+        if sched.is_empty:
+            return [self._output_or_finish(r) for r in touched.values()]
+        try:
+            rows = self.runner.execute(sched)
+        except Exception:  # a failed step: every request in it ends with "error", the engine goes on
+            logger.exception("step failed; finishing its %d sequences with an error", len(sched.scheduled))
+            for item in sched.scheduled:
+                for seq in (item.seq, *item.forks):
+                    if not seq.is_finished:
+                        self.scheduler.finish(seq, "error")
+                    touched[seq.request_id] = self.requests[seq.request_id]
+            return [self._output_or_finish(r) for r in touched.values()]
+        self.num_prompt_tokens_computed += sum(
+            max(0, min(i.start + i.num_tokens, i.seq.num_prompt_tokens) - i.start) for i in sched.scheduled)
+        now = time.monotonic()
+        for row in rows:
+            req = self.requests[row.seq.request_id]
+            touched[req.request_id] = req
+            try:
+                self._append(req, row, now)
+            except Exception:  # one request's bad state never takes the others down
+                logger.exception("request %s failed while processing its token", req.request_id)
+                if not row.seq.is_finished:
+                    self.scheduler.finish(row.seq, "error")
+        self.scheduler.on_step_done(sched)
+        return [self._output_or_finish(r) for r in touched.values()]
+
+    def _append(self, req: _Request, row: SampledRow, now: float) -> None:
+        seq, token, params = row.seq, row.token, row.seq.params
+        seq.output_token_ids.append(token)
+        self.num_generated_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if params.logprobs is not None:
+            entry = {token: row.logprob}
+            entry.update({t: lp for t, lp in row.top if t not in entry})
+            seq.output_logprobs.append(entry)
+        i = seq.index
+        stop_token = token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.model_config.eos_token_ids)
+        if stop_token:  # the sampler bans these until min_tokens is reached
+            req.stop_reasons[i] = token if token in params.stop_token_ids else None
+            self._detokenize(req, seq, None, final=True)  # the stop token's text is not emitted
+            self.scheduler.finish(seq, "stop")
+            return
+        max_tokens = params.max_tokens or self.config.max_model_len
+        at_limit = (len(seq.output_token_ids) >= max_tokens
+                    or seq.num_tokens >= self.config.max_model_len)
+        if self._detokenize(req, seq, token, final=at_limit):
+            self.scheduler.finish(seq, "stop")
+        elif at_limit:
+            self.scheduler.finish(seq, "length")
+
+    def _detokenize(self, req: _Request, seq: Sequence, token: int | None, *, final: bool) -> bool:
+        """Adds the token's text; returns True when a stop string ended the sequence."""
+        detok = req.detokenizers[seq.index]
+        if detok is None:
+            return False
+        i = seq.index
+        delta = detok.add(token) if token is not None else ""
+        if final:
+            delta += detok.flush()
+        pending = req.held[i] + delta
+        stops = seq.params.stop
+        if stops:
+            hits = [(pending.find(s), s) for s in stops if s in pending]
+            if hits:
+                pos, s = min(hits)
+                req.texts[i] += pending[:pos]
+                req.held[i] = ""
+                req.stop_reasons[i] = s
+                return True
+            if not final:
+                # Hold back a tail that could be the start of a stop string.
+                keep = max((k for s in stops for k in range(1, len(s))
+                            if pending.endswith(s[:k])), default=0)
+                req.texts[i] += pending[:len(pending) - keep]
+                req.held[i] = pending[len(pending) - keep:]
+                return False
+        req.texts[i] += pending
+        req.held[i] = ""
+        return False
+
+    # ----- outputs -----------------------------------------------------------------------
+    def _output_or_finish(self, req: _Request) -> RequestOutput:
+        if all(s.is_finished for s in req.seqs):
+            return self._finish_request(req)
+        return self._output(req)
+
+    def _finish_request(self, req: _Request) -> RequestOutput:
+        for seq in req.seqs:
+            if req.held[seq.index]:
+                req.texts[seq.index] += req.held[seq.index]
+                req.held[seq.index] = ""
+        self.requests.pop(req.request_id, None)
+        return self._output(req)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outputs = [CompletionOutput(
+            index=s.index, text=req.texts[s.index], token_ids=list(s.output_token_ids),
+            finish_reason=s.finish_reason,
+            logprobs=list(s.output_logprobs) if s.params.logprobs is not None else None,
+            stop_reason=req.stop_reasons[s.index]) for s in req.seqs]
+        head = req.seqs[0]
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+            outputs=outputs, finished=all(s.is_finished for s in req.seqs),
+            metrics=_metrics(req), num_cached_tokens=head.num_cached_prompt_tokens)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+            num_free_blocks=self.kv_cache.num_free_blocks, num_kv_blocks=self.kv_cache.num_blocks,
+            kv_cache_usage=self.kv_cache.usage, prefix_cache_hit_rate=self.kv_cache.prefix_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_generated_tokens=self.num_generated_tokens,
+            num_prompt_tokens_computed=self.num_prompt_tokens_computed)
+
+
+def _metrics(req: _Request) -> RequestMetrics:
+    head = req.seqs[0]
+    m = RequestMetrics(arrival_time=req.arrival_time)
+    if head.first_scheduled_time is not None:
+        m.queue_time = head.first_scheduled_time - req.arrival_time
+    if head.first_token_time is not None:
+        m.time_to_first_token = head.first_token_time - req.arrival_time
+    finished = [s.finished_time for s in req.seqs if s.finished_time is not None]
+    if len(finished) == len(req.seqs):
+        m.e2e_latency = max(finished) - req.arrival_time
+        n = len(head.output_token_ids)
+        if n > 1 and head.first_token_time is not None and head.finished_time is not None:
+            m.time_per_output_token = (head.finished_time - head.first_token_time) / (n - 1)
+    return m

@@ -1,0 +1,171 @@
+"""Iteration-level scheduler with chunked prefill.
+
+Once per step, `schedule()` decides which sequences run and how many of their tokens:
+running sequences first, in admission order (a decode takes one token, an unfinished prefill
+takes the next chunk), then waiting sequences in the policy's order, all within the token budget
+(`max_num_batched_tokens`) and the sequence budget (`max_num_seqs`). When KV blocks run out it
+preempts by recompute: the victim's blocks are freed (full ones stay in the prefix cache) and it
+returns to the waiting queue to run its prompt and outputs again later.
+
+The decision is a plain `SchedulerOutput` that the runner turns into device arrays.
+"""
+
+import dataclasses
+import logging
+import time
+
+from jaxserve.config import EngineConfig
+from jaxserve.kv_cache import KVCacheManager
+from jaxserve.request import Sequence, SequenceStatus
+from jaxserve.scheduling_policy import SchedulingPolicy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first token of this step's chunk (== num_computed_tokens before the step)
+    num_tokens: int  # tokens of this sequence in the step
+    sample: bool  # the chunk reaches the sequence's last token: sample the next one
+    forks: list[Sequence] = dataclasses.field(default_factory=list)  # also sample from this row
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    block_copies: list[tuple[int, int]]  # (src, dst) blocks to copy before the step writes
+    preempted: list[Sequence]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv_cache: KVCacheManager, policy: SchedulingPolicy):
+        self.config = config
+        self.kv_cache = kv_cache
+        self.policy = policy
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []  # admission order; the newest is last
+        self.num_preemptions = 0
+        self.rejected: list[Sequence] = []  # finished by the scheduler itself, not yet reported
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv_cache.allocate(seq, num_tokens):
+                victim = self.policy.preemption_victim(self.running[i:])
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # it preempted itself; self.running[i] is now the next sequence
+            scheduled.append(self._take(seq, num_tokens))
+            budget -= num_tokens
+            i += 1
+
+        if not preempted:
+            self._admit(scheduled, budget)
+        if not scheduled and self.waiting and not self.running:
+            self._reject_unfittable()
+        return SchedulerOutput(scheduled, self.kv_cache.take_pending_copies(), preempted)
+
+    def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> None:
+        for seq in self.policy.waiting_order(self.waiting, time.monotonic()):
+            slots = 1 + len(seq.fork_children)
+            if budget <= 0 or len(self.running) + slots > self.config.max_num_seqs:
+                break
+            cached = self.kv_cache.find_cached_prefix(seq) if not seq.block_table else []
+            num_computed = len(cached) * self.kv_cache.block_size
+            remaining = seq.num_tokens - num_computed
+            if not self.config.enable_chunked_prefill and remaining > budget:
+                break
+            num_tokens = min(remaining, budget)
+            if not self.kv_cache.allocate(seq, num_tokens, cached):
+                self.kv_cache.seq_hashes.pop(seq.seq_id, None)
+                break
+            self.waiting.remove(seq)
+            seq.num_computed_tokens = num_computed
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+                seq.num_cached_prompt_tokens = min(num_computed, seq.num_prompt_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(self._take(seq, num_tokens))
+            budget -= num_tokens
+
+    def _take(self, seq: Sequence, num_tokens: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        seq.num_computed_tokens += num_tokens
+        sample = seq.num_computed_tokens == seq.num_tokens
+        item = ScheduledSeq(seq, start, num_tokens, sample)
+        if sample and seq.fork_children:
+            for child in seq.fork_children:
+                self.kv_cache.fork(seq, child)
+                child.num_computed_tokens = seq.num_computed_tokens
+                child.first_scheduled_time = seq.first_scheduled_time
+                child.num_cached_prompt_tokens = seq.num_cached_prompt_tokens
+                child.status = SequenceStatus.RUNNING
+                self.running.append(child)
+            item.forks, seq.fork_children = seq.fork_children, []
+        return item
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv_cache.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self.num_preemptions += 1
+        logger.debug("preempted seq %d (%s)", seq.seq_id, seq.request_id)
+
+    def _reject_unfittable(self) -> None:
+        """Nothing runs and the next waiting sequence still does not fit: it never will."""
+        head = self.policy.waiting_order(self.waiting, time.monotonic())[0]
+        logger.warning("request %s needs more KV blocks than the cache has; finishing it",
+                       head.request_id)
+        self.waiting.remove(head)
+        for seq in [head, *head.fork_children]:
+            seq.finish("length")
+            self.rejected.append(seq)
+
+    def take_rejected(self) -> list[Sequence]:
+        rejected, self.rejected = self.rejected, []
+        return rejected
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence (stop, length, abort, error) and frees its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv_cache.free(seq)
+        seq.finish(reason)
+
+    def on_step_done(self, output: SchedulerOutput) -> None:
+        for item in output.scheduled:
+            for seq in [item.seq, *item.forks]:
+                if not seq.is_finished:
+                    self.kv_cache.cache_full_blocks(seq)

@@ -1,0 +1,71 @@
+"""Tokenizer (Hugging Face `tokenizers`, from tokenizer.json) and incremental detokenization.
+
+Detokenizing token by token is not decoding each token alone: a character can span several
+byte-level tokens, and SentencePiece-style tokenizers change spacing with context. The
+incremental detokenizer decodes a short window of recent tokens and emits only the text that
+became final, holding back a trailing partial character (U+FFFD) until its bytes arrive.
+"""
+
+import os
+
+from tokenizers import Tokenizer as HFTokenizer
+
+_REPLACEMENT = "\ufffd"
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer):
+        self._tok = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_dir(cls, model_dir: str) -> "Tokenizer | None":
+        path = os.path.join(model_dir, "tokenizer.json")
+        return cls(HFTokenizer.from_file(path)) if os.path.isfile(path) else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas; correct for multi-byte characters."""
+
+    _CONTEXT = 5  # prompt tokens kept for the spacing of the first output token
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_ids[-self._CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+
+    def _decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        """Appends one token; returns the text that became final (maybe empty)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith(_REPLACEMENT):
+            delta = full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """At the end of a sequence: whatever is still held back, partial characters included."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        delta = full[len(prefix):] if full.startswith(prefix) else ""
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += delta
+        return delta
