@@ -22,6 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 _NT_DIMS = (((1,), (1,)), ((), ()))  # contract the last dims: q @ k.T
+_TPU_LANES = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,7 +34,7 @@ def _flash_kernel(
     k_ref,  # [kv_len_padded, head_dim]
     v_ref,  # [kv_len_padded, head_dim]
     o_ref,  # [block_q, head_dim]
-    lse_ref,  # [block_q] float32
+    lse_ref,  # [block_q] float32; on TPU [block_q, 128], the value repeated across lanes
     *,
     sm_scale: float,
     causal: bool,
@@ -57,8 +58,9 @@ def _flash_kernel(
         num_full = kv_len // block_k
         num_visible = pl.cdiv(kv_len, block_k)
 
+    # Row statistics are kept as [block_q, 1] columns, which Mosaic lays out without relayouts.
     def step(j, carry, *, masked: bool):
-        acc, m_prev, l_prev = carry  # [block_q, head_dim], [block_q], [block_q] float32
+        acc, m_prev, l_prev = carry  # [block_q, head_dim], [block_q, 1], [block_q, 1] float32
         keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k = k_ref[keys, :]
         v = v_ref[keys, :]
@@ -66,33 +68,36 @@ def _flash_kernel(
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         if masked:
-            k_idx = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
-            visible = jnp.broadcast_to((k_idx < kv_len)[None, :], s.shape)
+            k_idx = j * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            visible = k_idx < kv_len
             if causal:
-                q_idx = q_first + jnp.arange(block_q, dtype=jnp.int32)
-                visible = visible & (k_idx[None, :] <= q_idx[:, None])
+                visible = visible & (k_idx <= q_first + lax.broadcasted_iota(jnp.int32, s.shape, 0))
             s = jnp.where(visible, s, -jnp.inf)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         # A row with nothing visible yet keeps m = -inf; subtract 0 there so exp gives 0, not NaN.
         m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
-        p = jnp.exp(s - m_safe[:, None])
+        p = jnp.exp(s - m_safe)
         alpha = jnp.exp(m_prev - m_safe)
-        l_next = alpha * l_prev + jnp.sum(p, axis=1)
+        l_next = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
         pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return alpha[:, None] * acc + pv, m_next, l_next
+        return alpha * acc + pv, m_next, l_next
 
     carry = (
         jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32),
-        jnp.full((block_q,), -jnp.inf, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
+        jnp.full((block_q, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q, 1), jnp.float32),
     )
     carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
     acc, m, l = lax.fori_loop(num_full, num_visible, functools.partial(step, masked=True), carry)
 
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
+    lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)  # [block_q, 1]
+    if lse_ref.ndim == 2:
+        lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
+    else:
+        lse_ref[...] = lse[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +177,12 @@ def _flash_call(q, k, v, shift, *, sm_scale, causal, soft_cap, kv_len, sizes, pl
         q_spec = pl.BlockSpec((sizes.block_q, None, head_dim), lambda h, i: (q_block(i), h, 0))
         kv_spec = pl.BlockSpec((kv_len_padded, None, head_dim), lambda h, i: (0, h // group, 0))
         shift_spec = pl.BlockSpec((1,), lambda h, i: (0,))
-    lse_spec = pl.BlockSpec((None, sizes.block_q), lambda h, i: (h, q_block(i)))
+    if platform == "tpu":  # per-row values repeated over 128 lanes, as Mosaic tiles want
+        lse_shape = (num_q_heads, q_len, _TPU_LANES)
+        lse_spec = pl.BlockSpec((None, sizes.block_q, _TPU_LANES), lambda h, i: (h, q_block(i), 0))
+    else:
+        lse_shape = (num_q_heads, q_len)
+        lse_spec = pl.BlockSpec((None, sizes.block_q), lambda h, i: (h, q_block(i)))
     # Inside a shard_map (check_vma) the outputs vary over the same mesh axes as q.
     mat = jax.typeof(q).mat
 
@@ -183,14 +193,14 @@ def _flash_call(q, k, v, shift, *, sm_scale, causal, soft_cap, kv_len, sizes, pl
         out_specs=[q_spec, lse_spec],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype, manual_axis_type=mat),
-            jax.ShapeDtypeStruct((num_q_heads, q_len), jnp.float32, manual_axis_type=mat),
+            jax.ShapeDtypeStruct(lse_shape, jnp.float32, manual_axis_type=mat),
         ],
         compiler_params=_compiler_params(platform, sizes),
         interpret=platform == "cpu",
         name="flash_attention",
     )(shift, q, k, v)
     if platform == "tpu":
-        out = jnp.swapaxes(out, 0, 1)
+        out, lse = jnp.swapaxes(out, 0, 1), lse[:, :, 0]
     return out, lse
 
 
@@ -289,6 +299,7 @@ def flash_attention_reference(
 ) -> tuple[jax.Array, jax.Array]:  # out [Lq, Hq, D] in q.dtype, lse [Hq, Lq] float32
     """Pure-jnp attention in float32 with the same contract as `flash_attention`."""
     _validate(q, k, v, soft_cap)
+    shift = _offset_array(q_offset, k_offset)[0]
     q_len, num_q_heads, head_dim = q.shape
     kv_len, num_kv_heads, _ = k.shape
     group = num_q_heads // num_kv_heads
@@ -298,8 +309,8 @@ def flash_attention_reference(
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     if causal:
-        q_pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)
-        k_pos = jnp.asarray(k_offset, jnp.int32) + jnp.arange(kv_len, dtype=jnp.int32)
+        q_pos = shift + jnp.arange(q_len, dtype=jnp.int32)  # relative to key 0
+        k_pos = jnp.arange(kv_len, dtype=jnp.int32)
         s = jnp.where(k_pos[None, :] <= q_pos[:, None], s, -jnp.inf)
     lse = jax.nn.logsumexp(s, axis=-1)  # [Hkv, group, Lq]; -inf where nothing is visible
     p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])

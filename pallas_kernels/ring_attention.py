@@ -101,8 +101,8 @@ def _ring_shard(q, k, v, *, axis_name, num_devices, sm_scale, causal, layout, at
 
         return lax.cond(src < me, early_keys, late_queries, (out, lse))
 
-    # Step 0: the local block. In local order (early chunk, late chunk) its causal structure is
-    # plain causal attention, for both layouts.
+    # Step 0: the local block. In local order its causal structure is plain causal attention
+    # (zigzag: the late chunk sees all of the early chunk, the early chunk none of the late one).
     out, lse = attend(q, k, v, causal=causal)
     acc = (out.astype(jnp.float32), lse)
     if n == 1:
