@@ -2,9 +2,12 @@
 
 All scheduled tokens of all sequences form one ragged batch, padded to one of a small fixed set
 of bucket shapes (tokens T x sequences S), so every step function is compiled once, at start-up,
-and never again while serving. The step is a pure function of (params, KV caches, inputs):
-copy-on-write block copies, the model forward, logits at the sampled rows only, and sampling.
-The caches are donated and updated in place; only sampled ids and logprobs come back.
+and never again while serving. A step is two compiled pure functions dispatched back to back
+with no host sync between them: `forward_fn` (params, KV caches, inputs -> caches, hidden states
+at the sampled rows), bucketed by (T, S), and `sample_fn` (params, hidden, sampling -> tokens),
+bucketed by (S, penalties on/off). Splitting them keeps the compile count at |T x S| + 2|S|
+instead of 2|T x S|. The caches are donated and updated in place; only sampled ids and logprobs
+come back to the host.
 """
 
 import dataclasses
@@ -48,11 +51,12 @@ class SampledRow:
     top: list[tuple[int, float]]
 
 
-def _powers_of_two(lo: int, hi: int) -> list[int]:
+def bucket_sizes(lo: int, hi: int, coarse_below: int = 256) -> list[int]:
+    """lo, 4 lo, 16 lo, ... up to coarse_below, then doubling, then hi itself."""
     sizes, size = [], min(lo, hi)
     while size < hi:
         sizes.append(size)
-        size *= 2
+        size *= 4 if size < coarse_below else 2
     return sizes + [hi]
 
 
@@ -63,14 +67,18 @@ def _bucket(sizes: list[int], n: int) -> int:
     raise ValueError(f"batch of {n} exceeds the largest bucket {sizes[-1]}")
 
 
-def step_fn(graphdef, params, kv_caches, inputs: StepInputs, sampling: SamplingMetadata, *,
-            backend: str, max_logprobs: int):
-    """The compiled step: (params, caches, inputs) -> (caches, sampled)."""
+def forward_fn(graphdef, params, kv_caches, inputs: StepInputs, *, backend: str):
+    """Copy-on-write copies, then the model: -> (caches, hidden [S, D] at the sampled rows)."""
     model = nnx.merge(graphdef, params)
     kv_caches = [copy_blocks(c, inputs.copy_src, inputs.copy_dst) for c in kv_caches]
     hidden, kv_caches = model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn, backend)
-    logits = model.compute_logits(hidden[inputs.logits_indices])
-    return kv_caches, sample(logits, sampling, max_logprobs)
+    return kv_caches, hidden[inputs.logits_indices]
+
+
+def sample_fn(graphdef, params, hidden, sampling: SamplingMetadata, *, max_logprobs: int):
+    """Logits only at the sampled rows, then sampling: -> SamplerOutput."""
+    model = nnx.merge(graphdef, params)
+    return sample(model.compute_logits(hidden), sampling, max_logprobs)
 
 
 def kv_block_bytes(model: ModelConfig, block_size: int, dtype) -> int:
@@ -89,14 +97,14 @@ class ModelRunner:
         m = self.model_config
         shape = (2, self.num_kv_blocks, config.block_size, m.num_kv_heads, m.head_dim)
         self.kv_caches = [jnp.zeros(shape, self.dtype) for _ in range(m.num_layers)]
-        self.token_buckets = _powers_of_two(16, config.max_num_batched_tokens)
-        self.seq_buckets = _powers_of_two(8, config.max_num_seqs)
+        self.token_buckets = bucket_sizes(16, config.max_num_batched_tokens)
+        self.seq_buckets = bucket_sizes(8, config.max_num_seqs)
         self.num_banned = config.max_stop_token_ids + len(m.eos_token_ids)
-        self._step = jax.jit(
-            functools.partial(step_fn, self.graphdef, backend=self.backend,
-                              max_logprobs=config.max_logprobs),
-            donate_argnums=(1,))
-        self.compiled: dict[tuple[int, int, bool], object] = {}
+        self._forward = jax.jit(functools.partial(forward_fn, self.graphdef, backend=self.backend),
+                                donate_argnums=(1,))
+        self._sample = jax.jit(functools.partial(sample_fn, self.graphdef,
+                                                 max_logprobs=config.max_logprobs))
+        self.compiled: dict[tuple, object] = {}  # ("forward", T, S) / ("sample", S, penalties)
         if precompile:
             self.compile_all(progress)
 
@@ -120,23 +128,33 @@ class ModelRunner:
         return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
 
     def compile_all(self, progress: bool = True) -> None:
-        """Compiles every bucket, with and without penalties, before serving starts."""
-        shapes = [(t, s, p) for t, s in self.buckets for p in (False, True)]
-        for key in tqdm(shapes, desc="compiling step buckets", disable=not progress):
-            self._compiled(*key)
+        """Compiles every bucket (sampling with and without penalties) before serving starts."""
+        keys = [("forward", t, s) for t, s in self.buckets]
+        keys += [("sample", s, p) for s in self.seq_buckets for p in (False, True)]
+        for key in tqdm(keys, desc="compiling step buckets", disable=not progress):
+            self._compiled(key)
 
-    def _compiled(self, num_tokens: int, num_seqs: int, penalties: bool):
-        key = (num_tokens, num_seqs, penalties)
+    def _compiled(self, key: tuple):
         if key not in self.compiled:
-            inputs, sampling = self._dummy_inputs(num_tokens, num_seqs, penalties)
-            self.compiled[key] = self._step.lower(self.params, self.kv_caches, inputs, sampling).compile()
+            if key[0] == "forward":
+                _, T, S = key
+                lowered = self._forward.lower(self.params, self.kv_caches, self._dummy_inputs(T, S))
+            else:
+                _, S, penalties = key
+                hidden = jax.ShapeDtypeStruct((S, self.model_config.hidden_size), self.dtype)
+                lowered = self._sample.lower(self.params, hidden, self._dummy_sampling(S, penalties))
+            self.compiled[key] = lowered.compile()
         return self.compiled[key]
 
-    def _dummy_inputs(self, T, S, penalties):
+    def _dummy_inputs(self, T, S) -> StepInputs:
+        zi = lambda *shape: np.zeros(shape, np.int32)
+        attn = AttentionMetadata(zi(T), zi(S, self.config.max_blocks_per_seq), zi(S), zi(S + 1),
+                                 np.int32(0))
+        return StepInputs(zi(T), zi(T), attn, zi(S), zi(S), zi(S))
+
+    def _dummy_sampling(self, S, penalties) -> SamplingMetadata:
         c = self.config
         zi = lambda *shape: np.zeros(shape, np.int32)
-        attn = AttentionMetadata(zi(T), zi(S, c.max_blocks_per_seq), zi(S), zi(S + 1), np.int32(0))
-        inputs = StepInputs(zi(T), zi(T), attn, zi(S), zi(S), zi(S))
         pen = None
         if penalties:
             pen = PenaltyMetadata(np.ones(S, np.float32), np.zeros(S, np.float32),
@@ -144,7 +162,7 @@ class ModelRunner:
         sampling = SamplingMetadata(np.zeros(S, np.float32), zi(S), np.ones(S, np.float32),
                                     np.zeros(S, np.float32), np.zeros(S, np.uint32), zi(S),
                                     zi(S, self.num_banned), pen)
-        return inputs, sampling
+        return sampling
 
     def execute(self, out: SchedulerOutput) -> list[SampledRow]:
         """Runs one step; returns one row per sampled sequence (forks included)."""
@@ -191,8 +209,8 @@ class ModelRunner:
                                  np.int32(len(out.scheduled)))
         inputs = StepInputs(input_ids, positions, attn, logits_indices, copy_src, copy_dst)
         sampling = self._sampling_metadata(rows, S, penalties)
-        compiled = self._compiled(T, S, penalties)
-        self.kv_caches, result = compiled(self.params, self.kv_caches, inputs, sampling)
+        self.kv_caches, hidden = self._compiled(("forward", T, S))(self.params, self.kv_caches, inputs)
+        result = self._compiled(("sample", S, penalties))(self.params, hidden, sampling)
         return self._rows(rows, jax.device_get(result))
 
     def _sampling_metadata(self, rows: list[Sequence], S: int, penalties: bool) -> SamplingMetadata:

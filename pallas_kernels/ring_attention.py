@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels.flash_attention import (
     _validate as _validate_attention_inputs,
@@ -45,10 +45,14 @@ def _chunk_order(num_devices: int, layout: str) -> np.ndarray:
     return np.array([c for r in range(n) for c in (r, 2 * n - 1 - r)])
 
 
-def _reorder_chunks(x: jax.Array, order: np.ndarray) -> jax.Array:
-    """x [L, ...] cut into len(order) chunks, returned as chunks order[0], order[1], ..."""
+def _reorder_chunks(x: jax.Array, order: np.ndarray, sharding) -> jax.Array:
+    """x [L, ...] cut into len(order) chunks, returned as chunks order[0], order[1], ...
+
+    `sharding` (for Explicit mesh axes, else None) is the result's sharding over the chunks.
+    """
     chunks = x.reshape(len(order), x.shape[0] // len(order), *x.shape[1:])
-    return chunks[order].reshape(x.shape)
+    chunks = chunks[order] if sharding is None else chunks.at[order].get(out_sharding=sharding)
+    return chunks.reshape(x.shape)
 
 
 def _merge(out, lse, block_out, block_lse):
@@ -176,8 +180,12 @@ def ring_attention(
         # Interpret-mode Pallas fails the vma check on its own in-kernel loops (JAX 0.11.2).
         check_vma=False,
     )
-    out = sharded(*(_reorder_chunks(x, order) for x in (q, k, v)))
-    return _reorder_chunks(out, np.argsort(order))
+    # On an Explicit axis (jax.make_mesh's default) shard_map checks the sharding instead of
+    # moving data, so the reorders say where their results live.
+    explicit = mesh.axis_types[mesh.axis_names.index(axis_name)] == AxisType.Explicit
+    sharding = NamedSharding(mesh, spec) if explicit else None
+    out = sharded(*(_reorder_chunks(x, order, sharding) for x in (q, k, v)))
+    return _reorder_chunks(out, np.argsort(order), sharding)
 
 
 def ring_attention_reference(

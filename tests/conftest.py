@@ -19,19 +19,19 @@ def fixture_path(name: str) -> str:
     return os.path.join(FIXTURES, name)
 
 
+def build_engine(name="llama3", *, precompile=False, **overrides):
+    """An f32 engine over a fixture with small, test-sized limits."""
+    from jaxserve import Engine, EngineConfig
+    args = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=8,
+                dtype="float32")
+    args.update(overrides)
+    return Engine(fixture_path(name), EngineConfig(**args), precompile=precompile,
+                  progress=False, skip_tokenizer=True)
+
+
 @pytest.fixture
 def make_engine():
-    """Builds an f32 engine over a fixture with small, test-sized limits."""
-    from jaxserve import Engine, EngineConfig
-
-    def make(name="llama3", *, precompile=False, **overrides):
-        args = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=8,
-                    dtype="float32")
-        args.update(overrides)
-        return Engine(fixture_path(name), EngineConfig(**args), precompile=precompile,
-                      progress=False, skip_tokenizer=True)
-
-    return make
+    return build_engine
 
 
 def run_to_completion(engine, max_steps=10_000):

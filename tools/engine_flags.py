@@ -1,0 +1,35 @@
+"""absl flags shared by the CLI runner and the server: engine limits -> EngineConfig."""
+
+from absl import flags
+
+from jaxserve.config import EngineConfig
+from jaxserve.default_model import BUILTIN_MODEL
+
+flags.DEFINE_string("model", BUILTIN_MODEL, "Checkpoint folder (config.json, *.safetensors or "
+                    f"orbax/, tokenizer.json), or {BUILTIN_MODEL} (untrained, built in).")
+flags.DEFINE_integer("max_model_len", None, "Longest prompt + output; default: the model's context.")
+flags.DEFINE_integer("max_num_seqs", 32, "Sequences per step.")
+flags.DEFINE_integer("max_num_batched_tokens", 256, "Tokens per step (decodes + prefill chunks).")
+flags.DEFINE_integer("block_size", 16, "Tokens per KV cache block.")
+flags.DEFINE_integer("num_kv_blocks", None, "KV cache blocks; default: sized from memory.")
+flags.DEFINE_float("kv_cache_memory_fraction", 0.8, "Share of free accelerator memory for the KV cache.")
+flags.DEFINE_bool("enable_prefix_caching", True, "Reuse cached blocks of shared prompt prefixes.")
+flags.DEFINE_bool("enable_chunked_prefill", True, "Split long prompts over steps.")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and activations.")
+flags.DEFINE_enum("attention_backend", "auto", ["auto", "pallas", "reference"],
+                  "auto: Pallas kernels on GPU/TPU, the pure-JAX reference on CPU.")
+flags.DEFINE_string("scheduling_policy", "fcfs", "Waiting-queue policy.")
+flags.DEFINE_integer("seed", 0, "Seeds the sampling of requests that give no seed.")
+
+FLAGS = flags.FLAGS
+
+
+def engine_config_from_flags() -> EngineConfig:
+    return EngineConfig(
+        max_model_len=FLAGS.max_model_len, max_num_seqs=FLAGS.max_num_seqs,
+        max_num_batched_tokens=FLAGS.max_num_batched_tokens, block_size=FLAGS.block_size,
+        num_kv_blocks=FLAGS.num_kv_blocks, kv_cache_memory_fraction=FLAGS.kv_cache_memory_fraction,
+        enable_prefix_caching=FLAGS.enable_prefix_caching,
+        enable_chunked_prefill=FLAGS.enable_chunked_prefill, dtype=FLAGS.dtype,
+        attention_backend=FLAGS.attention_backend, scheduling_policy=FLAGS.scheduling_policy,
+        seed=FLAGS.seed)

@@ -1,0 +1,104 @@
+"""CLI runner: generate text for prompts and print a throughput summary.
+
+    python -m tools.run --prompt="Hello" --max_tokens=32
+    python -m tools.run --model=/ckpt/llama-3-8b --prompts_file=prompts.txt --temperature=0.7
+"""
+
+import json
+import sys
+import time
+
+from absl import app, flags
+
+from jaxserve import Engine, SamplingParams
+from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE
+from tools.engine_flags import FLAGS, engine_config_from_flags
+
+flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
+flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
+flags.DEFINE_integer("num_prompts", None, "Repeat the prompts cyclically up to this many requests.")
+flags.DEFINE_integer("max_tokens", 32, "Tokens to generate per sample.")
+flags.DEFINE_integer("min_tokens", 0, "Tokens before EOS may end a sample.")
+flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "0 is off.")
+flags.DEFINE_float("top_p", 1.0, "1 is off.")
+flags.DEFINE_float("min_p", 0.0, "0 is off.")
+flags.DEFINE_float("repetition_penalty", 1.0, "1 is off.")
+flags.DEFINE_float("presence_penalty", 0.0, "0 is off.")
+flags.DEFINE_float("frequency_penalty", 0.0, "0 is off.")
+flags.DEFINE_integer("n", 1, "Samples per prompt.")
+flags.DEFINE_integer("sample_seed", None, "Per-request sampling seed.")
+flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.")
+flags.DEFINE_bool("precompile", True, "Compile every step bucket before serving.")
+flags.DEFINE_string("json_out", None, "Also write generations and the summary here as JSON.")
+
+DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+
+
+def _prompts() -> list[str]:
+    prompts = list(FLAGS.prompt or [])
+    if FLAGS.prompts_file:
+        with open(FLAGS.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    prompts = prompts or DEFAULT_PROMPTS
+    if FLAGS.num_prompts:
+        prompts = [prompts[i % len(prompts)] for i in range(FLAGS.num_prompts)]
+    return prompts
+
+
+def main(argv):
+    del argv
+    params = SamplingParams(
+        n=FLAGS.n, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+        min_p=FLAGS.min_p, repetition_penalty=FLAGS.repetition_penalty,
+        presence_penalty=FLAGS.presence_penalty, frequency_penalty=FLAGS.frequency_penalty,
+        seed=FLAGS.sample_seed, max_tokens=FLAGS.max_tokens, min_tokens=FLAGS.min_tokens,
+        stop=tuple(FLAGS.stop), ignore_eos=FLAGS.ignore_eos)
+    t0 = time.perf_counter()
+    engine = Engine(FLAGS.model, engine_config_from_flags(), precompile=FLAGS.precompile)
+    load_s = time.perf_counter() - t0
+    prompts = _prompts()
+    t1 = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    steps = 0
+    while engine.has_unfinished_requests:
+        steps += 1
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    elapsed = time.perf_counter() - t1
+    outputs = [done[i] for i in ids]
+    if FLAGS.model == BUILTIN_MODEL:
+        print(UNTRAINED_NOTICE)
+    for prompt, out in zip(prompts, outputs):
+        for c in out.outputs:
+            print(f"--- prompt: {prompt!r} [sample {c.index}, {len(c.token_ids)} tokens, "
+                  f"finish: {c.finish_reason}]")
+            print(c.text)
+    gen = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    stats = engine.stats()
+    summary = {
+        "requests": len(outputs), "prompt_tokens": prompt_tokens, "generated_tokens": gen,
+        "steps": steps, "elapsed_s": round(elapsed, 4), "load_and_compile_s": round(load_s, 2),
+        "output_tokens_per_s": round(gen / elapsed, 2),
+        "total_tokens_per_s": round((gen + prompt_tokens) / elapsed, 2),
+        "preemptions": stats.num_preemptions, "prefix_cache_hit_rate": round(stats.prefix_cache_hit_rate, 4),
+        "num_kv_blocks": stats.num_kv_blocks,
+    }
+    print(f"=== {summary['requests']} requests, {prompt_tokens} prompt + {gen} generated tokens "
+          f"in {elapsed:.2f} s over {steps} steps: {summary['output_tokens_per_s']} output tok/s, "
+          f"{summary['total_tokens_per_s']} total tok/s (load + compile {load_s:.1f} s)")
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump({"summary": summary, "outputs": [
+                {"prompt": p, "samples": [{"text": c.text, "token_ids": c.token_ids,
+                                           "finish_reason": c.finish_reason} for c in o.outputs]}
+                for p, o in zip(prompts, outputs)]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
