@@ -110,7 +110,8 @@ def load_safetensors(model: nnx.Module, model_dir: str, dtype, place: PlaceFn = 
                                      f"(truncated file?): {e}") from e
                 if name in names:
                     param_path, transpose = names[name]
-                    _assign(model, param_path, array.T if transpose else array, dtype, place, name)
+                    _assign(model, param_path, array.T if transpose else array, dtype, place, name,
+                            transposed=transpose)
                     loaded.add(param_path)
                     continue
                 expert = _expert_weight(name, config) if config.num_experts else None
@@ -119,7 +120,7 @@ def load_safetensors(model: nnx.Module, model_dir: str, dtype, place: PlaceFn = 
                     continue
                 param_path, index, transpose = expert
                 if index is None:
-                    _assign(model, param_path, array.T, dtype, place, name)
+                    _assign(model, param_path, array.T, dtype, place, name, transposed=True)
                     loaded.add(param_path)
                 else:
                     experts.setdefault(param_path, [None] * config.num_experts)
@@ -150,11 +151,15 @@ def load_safetensors(model: nnx.Module, model_dir: str, dtype, place: PlaceFn = 
                          f"e.g. {missing[:5]}")
 
 
-def _assign(model, param_path, array, dtype, place, name):
+def _assign(model, param_path, array, dtype, place, name, transposed=False):
     var = _variable_at(model, param_path)
     if tuple(var.shape) != tuple(array.shape):
-        raise ValueError(f"model: tensor {name!r} has shape {tuple(array.shape)}, expected "
-                         f"{tuple(var.shape)} from config.json")
+        # Report shapes as the checkpoint file lays them out, not as our transposed layout.
+        got, want = tuple(array.shape), tuple(var.shape)
+        if transposed:
+            got, want = got[::-1], want[::-1]
+        raise ValueError(f"model: tensor {name!r} has shape {got}, expected {want} from "
+                         "config.json")
     var.set_value(place(param_path, np.ascontiguousarray(array), dtype))
 
 
@@ -175,10 +180,15 @@ def load_orbax(model: nnx.Module, path: str) -> None:
 
 
 def load_model(model_dir: str, dtype="bfloat16", place: PlaceFn = _default_place,
-               progress: bool = True) -> nnx.Module:
-    """Reads config.json and the weights of a model folder into a ready model."""
+               progress: bool = True, random_weights: bool = False) -> nnx.Module:
+    """Reads config.json and the weights of a model folder into a ready model.
+
+    random_weights: skip the weights and initialize randomly (seeded) on the device instead.
+    """
     config = ModelConfig.from_dir(model_dir)
     dtype = jnp.dtype(dtype)
+    if random_weights:
+        return MODEL_CLASSES[config.model_type](config, dtype=dtype, rngs=nnx.Rngs(0))
     model = abstract_model(config, dtype)
     orbax_dir = os.path.join(model_dir, ORBAX_SUBDIR)
     if os.path.isdir(orbax_dir):

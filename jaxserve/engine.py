@@ -56,13 +56,17 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model_path: str, config: EngineConfig = EngineConfig(), *,
-                 precompile: bool = True, progress: bool = True, skip_tokenizer: bool = False):
+                 precompile: bool = True, progress: bool = True, skip_tokenizer: bool = False,
+                 random_weights: bool = False):
+        """random_weights: initialize the model randomly from config.json instead of loading
+        weights (for benchmarking a model shape whose weights are not at hand)."""
         self.model_path = resolve_model_path(model_path)
         model_config = ModelConfig.from_dir(self.model_path)
         self.config = config.resolve(model_config)
         self.model_config = model_config
         self.tokenizer = None if skip_tokenizer else Tokenizer.from_dir(self.model_path)
-        model = load_model(self.model_path, self.config.dtype, progress=progress)
+        model = load_model(self.model_path, self.config.dtype, progress=progress,
+                           random_weights=random_weights)
         self.runner = ModelRunner(model, self.config, self.config.num_kv_blocks, precompile, progress)
         self.kv_cache = KVCacheManager(self.runner.num_kv_blocks, self.config.block_size,
                                        self.config.enable_prefix_caching)

@@ -136,15 +136,19 @@ class ModelRunner:
 
     def _compiled(self, key: tuple):
         if key not in self.compiled:
-            if key[0] == "forward":
-                _, T, S = key
-                lowered = self._forward.lower(self.params, self.kv_caches, self._dummy_inputs(T, S))
-            else:
-                _, S, penalties = key
-                hidden = jax.ShapeDtypeStruct((S, self.model_config.hidden_size), self.dtype)
-                lowered = self._sample.lower(self.params, hidden, self._dummy_sampling(S, penalties))
-            self.compiled[key] = lowered.compile()
+            # float32 means float32: no TF32 shortcuts in the matmuls on GPU.
+            precision = "highest" if self.dtype == jnp.float32 else None
+            with jax.default_matmul_precision(precision):
+                self.compiled[key] = self._lower(key).compile()
         return self.compiled[key]
+
+    def _lower(self, key: tuple):
+        if key[0] == "forward":
+            _, T, S = key
+            return self._forward.lower(self.params, self.kv_caches, self._dummy_inputs(T, S))
+        _, S, penalties = key
+        hidden = jax.ShapeDtypeStruct((S, self.model_config.hidden_size), self.dtype)
+        return self._sample.lower(self.params, hidden, self._dummy_sampling(S, penalties))
 
     def _dummy_inputs(self, T, S) -> StepInputs:
         zi = lambda *shape: np.zeros(shape, np.int32)

@@ -5,7 +5,9 @@ running sequences first, in admission order (a decode takes one token, an unfini
 takes the next chunk), then waiting sequences in the policy's order, all within the token budget
 (`max_num_batched_tokens`) and the sequence budget (`max_num_seqs`). When KV blocks run out it
 preempts by recompute: the victim's blocks are freed (full ones stay in the prefix cache) and it
-returns to the waiting queue to run its prompt and outputs again later.
+returns to the waiting queue to run its prompt and outputs again later. A preemptive policy
+(srpt, mlfq) may also have running sequences give way, at the start of a step, to the first
+waiting one when that one cannot start for want of a sequence slot or KV blocks.
 
 The decision is a plain `SchedulerOutput` that the runner turns into device arrays.
 """
@@ -13,6 +15,7 @@ The decision is a plain `SchedulerOutput` that the runner turns into device arra
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 from jaxserve.config import EngineConfig
 from jaxserve.kv_cache import KVCacheManager
@@ -47,10 +50,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv_cache: KVCacheManager, policy: SchedulingPolicy):
+    def __init__(self, config: EngineConfig, kv_cache: KVCacheManager, policy: SchedulingPolicy,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.kv_cache = kv_cache
         self.policy = policy
+        self.clock = clock  # the simulator passes its virtual clock
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # admission order; the newest is last
         self.num_preemptions = 0
@@ -65,9 +70,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        now = self.clock()
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
-        preempted: list[Sequence] = []
+        preempted = self._yield_to_waiting(now)
+        out_of_blocks = False
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -77,6 +84,7 @@ class Scheduler:
                 victim = self.policy.preemption_victim(self.running[i:])
                 self._preempt(victim)
                 preempted.append(victim)
+                out_of_blocks = True
                 if victim is seq:
                     break
             if seq.status != SequenceStatus.RUNNING:
@@ -85,14 +93,37 @@ class Scheduler:
             budget -= num_tokens
             i += 1
 
-        if not preempted:
-            self._admit(scheduled, budget)
+        if not out_of_blocks:
+            self._admit(scheduled, budget, now)
         if not scheduled and self.waiting and not self.running:
-            self._reject_unfittable()
+            self._reject_unfittable(now)
+        self.policy.on_scheduled(scheduled)
         return SchedulerOutput(scheduled, self.kv_cache.take_pending_copies(), preempted)
 
-    def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> None:
-        for seq in self.policy.waiting_order(self.waiting, time.monotonic()):
+    def _yield_to_waiting(self, now: float) -> list[Sequence]:
+        """Preempts running sequences that the policy ranks below the first waiting one, while
+        that one could not start for want of a sequence slot or free KV blocks."""
+        if not self.policy.preemptive or not self.waiting:
+            return []
+        head = self.policy.waiting_order(self.waiting, now)[0]
+        chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
+        blocks = -(-chunk // self.kv_cache.block_size)
+        slots = 1 + len(head.fork_children)
+        victims = []
+        while (len(self.running) + slots > self.config.max_num_seqs
+               or blocks > self.kv_cache.num_free_blocks):
+            candidates = [s for s in self.running if self.policy.outranks(head, s, now)]
+            if not candidates:
+                break
+            victim = self.policy.preemption_victim(candidates)
+            self._preempt(victim)
+            victims.append(victim)
+        return victims
+
+    def _admit(self, scheduled: list[ScheduledSeq], budget: int, now: float) -> None:
+        if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            return  # no room for anyone: skip ordering the queue
+        for seq in self.policy.waiting_order(self.waiting, now):
             slots = 1 + len(seq.fork_children)
             if budget <= 0 or len(self.running) + slots > self.config.max_num_seqs:
                 break
@@ -108,7 +139,7 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.num_computed_tokens = num_computed
             if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
+                seq.first_scheduled_time = now
                 seq.num_cached_prompt_tokens = min(num_computed, seq.num_prompt_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -132,6 +163,9 @@ class Scheduler:
         return item
 
     def _preempt(self, seq: Sequence) -> None:
+        # Recompute preemption. Swap preemption would branch here: keep the blocks' contents by
+        # listing (device block, host slot) copies in SchedulerOutput for the runner to make before
+        # the step, keep num_computed_tokens, and copy them back when the sequence is readmitted.
         self.running.remove(seq)
         self.kv_cache.free(seq)
         seq.num_computed_tokens = 0
@@ -141,14 +175,15 @@ class Scheduler:
         self.num_preemptions += 1
         logger.debug("preempted seq %d (%s)", seq.seq_id, seq.request_id)
 
-    def _reject_unfittable(self) -> None:
+    def _reject_unfittable(self, now: float) -> None:
         """Nothing runs and the next waiting sequence still does not fit: it never will."""
-        head = self.policy.waiting_order(self.waiting, time.monotonic())[0]
+        head = self.policy.waiting_order(self.waiting, now)[0]
         logger.warning("request %s needs more KV blocks than the cache has; finishing it",
                        head.request_id)
         self.waiting.remove(head)
         for seq in [head, *head.fork_children]:
             seq.finish("length")
+            self.policy.on_finish(seq)
             self.rejected.append(seq)
 
     def take_rejected(self) -> list[Sequence]:
@@ -163,6 +198,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.kv_cache.free(seq)
         seq.finish(reason)
+        self.policy.on_finish(seq)
 
     def on_step_done(self, output: SchedulerOutput) -> None:
         for item in output.scheduled:

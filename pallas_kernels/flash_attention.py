@@ -19,7 +19,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.backend import (
+    KernelTarget,
+    kernel_target,
+    tpu_compiler_params,
+    triton_compiler_params,
+)
 
 _NT_DIMS = (((1,), (1,)), ((), ()))  # contract the last dims: q @ k.T
 _TPU_LANES = 128
@@ -113,25 +119,19 @@ class FlashBlockSizes:
     num_stages: int = 3
 
 
-# Starting points per platform (GPU row from KERNELS.md's prefill figures; re-tune on hardware).
+# Starting points (Triton row from KERNELS.md's prefill figures; re-tune on hardware). Interpret
+# mode runs the grid as a scan, so there fewer, larger tiles are faster.
 _DEFAULT_BLOCK_SIZES = {
-    "gpu": FlashBlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3),
-    "tpu": FlashBlockSizes(block_q=128, block_k=128),
-    "cpu": FlashBlockSizes(block_q=32, block_k=32),
+    "triton": FlashBlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3),
+    "mosaic_tpu": FlashBlockSizes(block_q=128, block_k=128),
+    "interpret": FlashBlockSizes(block_q=32, block_k=32),
 }
 
 
-def _platform() -> str:
-    """'gpu', 'tpu' or 'cpu' (interpret mode) for the default backend."""
-    backend = jax.default_backend()
-    return backend if backend in ("gpu", "tpu") else "cpu"
-
-
-def _compiler_params(platform: str, sizes: FlashBlockSizes):
-    if platform == "tpu":
-        return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-    # GPU lowers through Triton; interpret mode ignores the params but we still pass them.
-    return plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages)
+def _compiler_params(target: KernelTarget, sizes: FlashBlockSizes):
+    if target.lowering == "mosaic_tpu":
+        return tpu_compiler_params(("parallel", "parallel"))
+    return triton_compiler_params(sizes.num_warps, sizes.num_stages)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -142,7 +142,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _flash_call(q, k, v, shift, *, sm_scale, causal, soft_cap, kv_len, sizes, platform):
+def _flash_call(q, k, v, shift, *, sm_scale, causal, soft_cap, kv_len, sizes, target):
     """q [Lq_pad, Hq, D], k/v [Lk_pad, Hkv, D] (padded to the blocks) -> (out, lse [Hq, Lq_pad]).
 
     `kv_len` is the number of real keys; the rest of k/v is padding the kernel masks out.
@@ -167,20 +167,21 @@ def _flash_call(q, k, v, shift, *, sm_scale, causal, soft_cap, kv_len, sizes, pl
         return num_q_blocks - 1 - i
 
     # Grid (head, query block): consecutive programs share a K/V head.
-    if platform == "tpu":
+    mosaic = target.lowering == "mosaic_tpu"
+    if mosaic:
         # Mosaic wants the two minor block dims tiled, so heads go first: [H, L, D].
         q, k, v = (jnp.swapaxes(x, 0, 1) for x in (q, k, v))
         q_spec = pl.BlockSpec((None, sizes.block_q, head_dim), lambda h, i: (h, q_block(i), 0))
         kv_spec = pl.BlockSpec((None, kv_len_padded, head_dim), lambda h, i: (h // group, 0, 0))
         shift_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
-    else:
-        q_spec = pl.BlockSpec((sizes.block_q, None, head_dim), lambda h, i: (q_block(i), h, 0))
-        kv_spec = pl.BlockSpec((kv_len_padded, None, head_dim), lambda h, i: (0, h // group, 0))
-        shift_spec = pl.BlockSpec((1,), lambda h, i: (0,))
-    if platform == "tpu":  # per-row values repeated over 128 lanes, as Mosaic tiles want
+        # Per-row values repeated over 128 lanes, as Mosaic tiles want.
         lse_shape = (num_q_heads, q_len, _TPU_LANES)
         lse_spec = pl.BlockSpec((None, sizes.block_q, _TPU_LANES), lambda h, i: (h, q_block(i), 0))
     else:
+        # Triton (and interpret mode) read the natural [L, H, D] layout with strided loads.
+        q_spec = pl.BlockSpec((sizes.block_q, None, head_dim), lambda h, i: (q_block(i), h, 0))
+        kv_spec = pl.BlockSpec((kv_len_padded, None, head_dim), lambda h, i: (0, h // group, 0))
+        shift_spec = pl.BlockSpec((1,), lambda h, i: (0,))
         lse_shape = (num_q_heads, q_len)
         lse_spec = pl.BlockSpec((None, sizes.block_q), lambda h, i: (h, q_block(i)))
     # Inside a shard_map (check_vma) the outputs vary over the same mesh axes as q.
@@ -195,11 +196,11 @@ def _flash_call(q, k, v, shift, *, sm_scale, causal, soft_cap, kv_len, sizes, pl
             jax.ShapeDtypeStruct(q.shape, q.dtype, manual_axis_type=mat),
             jax.ShapeDtypeStruct(lse_shape, jnp.float32, manual_axis_type=mat),
         ],
-        compiler_params=_compiler_params(platform, sizes),
-        interpret=platform == "cpu",
+        compiler_params=_compiler_params(target, sizes),
+        interpret=target.interpret,
         name="flash_attention",
     )(shift, q, k, v)
-    if platform == "tpu":
+    if mosaic:
         out, lse = jnp.swapaxes(out, 0, 1), lse[:, :, 0]
     return out, lse
 
@@ -207,7 +208,8 @@ def _flash_call(q, k, v, shift, *, sm_scale, causal, soft_cap, kv_len, sizes, pl
 # ---------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------
-def _validate(q, k, v, soft_cap):
+def check_attention_inputs(q, k, v, soft_cap=None):
+    """Raises ValueError, naming the argument, unless q [Lq, Hq, D], k = v [Lk, Hkv, D] fit."""
     if q.ndim != 3:
         raise ValueError(f"q must be [Lq, Hq, D], got shape {q.shape}")
     if k.ndim != 3:
@@ -235,7 +237,8 @@ def _offset_array(q_offset, k_offset):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("sm_scale", "causal", "soft_cap", "block_sizes")
+    jax.jit,
+    static_argnames=("sm_scale", "causal", "soft_cap", "block_sizes", "lowering", "interpret"),
 )
 def flash_attention(
     q: jax.Array,  # [Lq, Hq, D]
@@ -248,27 +251,37 @@ def flash_attention(
     k_offset: int | jax.Array = 0,
     soft_cap: float | None = None,
     block_sizes: FlashBlockSizes | None = None,
+    lowering: str | None = None,
+    interpret: bool | pltpu.InterpretParams | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # out [Lq, Hq, D] in q.dtype, lse [Hq, Lq] float32
     """Attention of q to (k, v) in one Pallas kernel, returning the output and log-sum-exp.
 
     `q_offset`/`k_offset` are the global positions of q[0] and k[0] (Python ints or traced int
     scalars) and only matter when `causal`. Query heads map to K/V heads in groups of Hq // Hkv.
-    Picks the lowering from the default backend: Triton on GPU, Mosaic on TPU, interpret on CPU.
+    `lowering`/`interpret` default to this platform's (`backend.kernel_target`): Triton on GPU,
+    Mosaic on TPU, the Triton variant interpreted on CPU; tests override them.
     """
-    _validate(q, k, v, soft_cap)
+    check_attention_inputs(q, k, v, soft_cap)
     shift = _offset_array(q_offset, k_offset)
-    platform = _platform()
+    target = kernel_target(lowering, interpret)
     q_len, _, head_dim = q.shape
     kv_len = k.shape[0]
-    sizes = block_sizes or _DEFAULT_BLOCK_SIZES[platform]
-    min_block = 16 if platform == "gpu" else 8  # Triton dots need every dim >= 16
-    block_q = min(sizes.block_q, max(_pow2_at_least(q_len), min_block))
-    block_k = min(sizes.block_k, max(_pow2_at_least(kv_len), min_block))
+    table_key = "interpret" if target.interpret else target.lowering
+    sizes = block_sizes or _DEFAULT_BLOCK_SIZES[table_key]
+    # Tiles are powers of two of at least 16: Triton dots need every dim >= 16 and Mosaic wants
+    # sublane multiples (16 for packed bf16). Short inputs get one smaller tile.
+    for name in ("block_q", "block_k"):
+        size = getattr(sizes, name)
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"block_sizes.{name} must be a power of two >= 16, got {size}")
+    block_q = min(sizes.block_q, max(_pow2_at_least(q_len), 16))
+    block_k = min(sizes.block_k, max(_pow2_at_least(kv_len), 16))
     sizes = dataclasses.replace(sizes, block_q=block_q, block_k=block_k)
 
-    # Pad tokens to whole blocks (padded keys are masked in the kernel, padded rows dropped) and,
+    # Pad tokens to whole tiles (padded keys are masked in the kernel, padded rows dropped) and,
     # for Triton, head_dim to a power of two (zero columns change neither q.k nor the kept output).
-    head_dim_padded = max(_pow2_at_least(head_dim), 16) if platform == "gpu" else head_dim
+    triton = target.lowering == "triton"
+    head_dim_padded = max(_pow2_at_least(head_dim), 16) if triton else head_dim
     q_len_padded, kv_len_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
 
     def pad(x, length):
@@ -278,7 +291,7 @@ def flash_attention(
         q, k, v = pad(q, q_len_padded), pad(k, kv_len_padded), pad(v, kv_len_padded)
     out, lse = _flash_call(
         q, k, v, shift, sm_scale=sm_scale, causal=causal, soft_cap=soft_cap, kv_len=kv_len,
-        sizes=sizes, platform=platform,
+        sizes=sizes, target=target,
     )
     return out[:q_len, :, :head_dim], lse[:, :q_len]
 
@@ -298,7 +311,7 @@ def flash_attention_reference(
     soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # out [Lq, Hq, D] in q.dtype, lse [Hq, Lq] float32
     """Pure-jnp attention in float32 with the same contract as `flash_attention`."""
-    _validate(q, k, v, soft_cap)
+    check_attention_inputs(q, k, v, soft_cap)
     shift = _offset_array(q_offset, k_offset)[0]
     q_len, num_q_heads, head_dim = q.shape
     kv_len, num_kv_heads, _ = k.shape

@@ -28,8 +28,9 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from pallas_kernels.backend import pallas_is_default
 from pallas_kernels.flash_attention import (
-    _validate as _validate_attention_inputs,
+    check_attention_inputs,
     flash_attention,
     flash_attention_reference,
 )
@@ -72,8 +73,7 @@ def _merge(out, lse, block_out, block_lse):
 def _ring_shard(q, k, v, *, axis_name, num_devices, sm_scale, causal, layout, attend):
     """Per-device body. q [Lc, Hq, D], k/v [Lc, Hkv, D], Lc = L / N -> out [Lc, Hq, D]."""
     n = num_devices
-    local_len, num_q_heads, head_dim = q.shape
-    half = local_len // 2
+    half = q.shape[0] // 2  # zigzag: the early chunk, then the late one
     me = lax.axis_index(axis_name)
     attend = functools.partial(attend, sm_scale=sm_scale)
 
@@ -146,10 +146,10 @@ def ring_attention(
     """Attention of q to (k, v) with the sequence split over `mesh`'s `axis_name` (N devices).
 
     L must be divisible by 2N for "zigzag" (N for "contiguous"). Positions are 0..L-1 for both
-    queries and keys. `use_pallas=None` uses the Pallas block kernel unless the mesh is on CPU,
-    where the jnp reference block is much faster than interpret mode.
+    queries and keys. `use_pallas=None` uses the Pallas block kernel on GPU and TPU and the jnp
+    reference block on CPU, where it is much faster than interpret mode.
     """
-    _validate_attention_inputs(q, k, v, None)
+    check_attention_inputs(q, k, v)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k length {k.shape[0]} must equal q length L={q.shape[0]}")
     if axis_name not in mesh.shape:
@@ -164,7 +164,7 @@ def ring_attention(
             f"L={seq_len} must be divisible by {num_chunks} ({layout} layout over N={n} devices)"
         )
     if use_pallas is None:
-        use_pallas = mesh.devices.flat[0].platform != "cpu"
+        use_pallas = pallas_is_default()
     attend = flash_attention if use_pallas else flash_attention_reference
 
     order = _chunk_order(n, layout)

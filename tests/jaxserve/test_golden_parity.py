@@ -28,7 +28,8 @@ def prefill_logits(model, token_ids, block_size=8, backend="reference"):
     padded = np.zeros(PADDED_LEN, np.int32)
     padded[:n] = token_ids
     graphdef, params = nnx.split(model)
-    logits = _prefill_logits(graphdef, params, padded, np.int32(n), block_size, backend)
+    with jax.default_matmul_precision("highest"):  # no TF32 on GPU: compare true float32
+        logits = _prefill_logits(graphdef, params, padded, np.int32(n), block_size, backend)
     return np.asarray(logits)[:n]
 
 

@@ -3,6 +3,8 @@ preemption by recompute (with prefix caching), and sequences that can never fit.
 
 import itertools
 
+import pytest
+
 from jaxserve.config import EngineConfig
 from jaxserve.kv_cache import KVCacheManager
 from jaxserve.request import Sequence, SequenceStatus
@@ -152,7 +154,7 @@ def test_the_newest_running_sequence_is_preempted_and_resumes_later():
     for seq in (a, b, c):
         sched.add(seq)
     step(sched)
-    assert kv.num_free_blocks == 0 or set(kv.cached_blocks) == set()  # all three blocks held
+    assert kv.num_free_blocks == 0
     assert all(len(s.block_table) == 1 for s in (a, b, c))
 
     # Each now needs a second block for its 5th token; none is free. a, the oldest, runs:
@@ -172,13 +174,14 @@ def test_the_newest_running_sequence_is_preempted_and_resumes_later():
 
     sched.finish(a, "stop")  # frees 2 blocks
     out = step(sched)
-    # FCFS: b (older) first. Its 5 tokens are recomputed, except what the prefix cache still holds.
-    scheduled = {i.seq: i for i in out.scheduled}
-    assert b in scheduled
-    item = scheduled[b]
-    assert item.start + item.num_tokens == 5 and item.sample
-    assert item.start in (0, 4)
+    # FCFS: b (older) first. b's full block, freed after c's, is still cached: only its 5th
+    # token runs. c's block was evicted for a's second block: c needs 2 blocks, 1 is left.
+    assert plan(out) == [(b, 4, 1, True)]
     assert b.status == SequenceStatus.RUNNING and b.output_token_ids == [7, 7]
+    assert sched.waiting == [c]
+    sched.finish(b, "stop")
+    assert plan(step(sched)) == [(c, 0, 5, True)]
+    assert c.output_token_ids == [7, 7]
     for seq in sched.running:
         assert seq.num_computed_tokens == seq.num_tokens - 1  # in sync with its tokens
     # Nothing leaks once everything ends.
@@ -262,7 +265,7 @@ def test_a_sequence_too_large_for_the_whole_cache_is_finished_with_length():
 
 
 def test_a_sequence_that_outgrows_the_cache_while_chunking_is_finished_not_stuck():
-    sched = make_scheduler(num_blocks=2, budget=4)  # chunks of 4 tokens
+    sched = make_scheduler(num_blocks=2, budget=4, max_num_seqs=2)  # chunks of 4 tokens
     big = make_seq(10)
     small = make_seq(3, start=50)
     sched.add(big)
@@ -280,3 +283,34 @@ def test_a_sequence_that_outgrows_the_cache_while_chunking_is_finished_not_stuck
     assert big in finished and big.finish_reason == "length"
     assert small.is_finished and small.output_token_ids == [7, 7]
     assert sched.kv_cache.num_free_blocks == 2
+
+
+def test_fork_children_are_sampled_once_when_a_chunked_prompt_completes():
+    """n > 1 whose prompt is admitted whole: the forks join `running` after the running loop."""
+    sched = make_scheduler(budget=32)
+    parent = make_seq(10, n=3)
+    children = list(parent.fork_children)
+    sched.add(parent)
+    out = step(sched)
+    assert plan(out) == [(parent, 0, 10, True)]
+    assert out.scheduled[0].forks == children
+    assert [s.output_token_ids for s in (parent, *children)] == [[7]] * 3
+    assert plan(step(sched)) == [(s, 10, 1, True) for s in (parent, *children)]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "scheduler.py bug: when a running sequence's last prefill chunk completes in the running "
+    "loop, _take appends its fork children to self.running while the loop is iterating; the "
+    "loop then reaches them (budget left) and schedules each as a 0-token item with "
+    "sample=True, so every child is sampled twice in that step (once as a fork row, once as "
+    "its own row) and its num_computed_tokens falls behind its tokens"))
+def test_fork_children_are_sampled_once_when_a_chunked_prefill_completes_while_running():
+    sched = make_scheduler(budget=16)
+    parent = make_seq(20, n=3)  # 16 tokens, then 4 with 12 of the budget left
+    children = list(parent.fork_children)
+    sched.add(parent)
+    step(sched)
+    out = step(sched)
+    assert plan(out) == [(parent, 16, 4, True)]
+    assert out.scheduled[0].forks == children
+    assert [s.output_token_ids for s in (parent, *children)] == [[7]] * 3

@@ -38,30 +38,31 @@ class Case:
 
 
 def random_case(index: int, *, decode: bool, head_dim: int | None = None) -> Case:
-    """Case `index` of a seeded family that cycles GQA ratio, head dim, block size, dtype, KV
-    quantization, window and soft-cap, with random ragged lengths."""
+    """Case `index` of a seeded family. Any 6 consecutive indices cover every (dtype, KV dtype)
+    pair, block sizes 4/8/16 and head dims 64/128; 5 consecutive ones every GQA ratio; window
+    and soft-cap go on and off. Lengths are random and ragged."""
     rng = np.random.default_rng(1000 + index + (500 if decode else 0))
     num_q_heads, num_kv_heads = HEADS[index % len(HEADS)]
-    block_size = (4, 8, 16)[index % 3]
     num_seqs = int(rng.integers(1, 5))
     if decode:
         q_lens = (1,) * num_seqs
         # kv_len 0 (an empty sequence) is legal for decode and must give zeros.
         kv_lens = tuple(int(x) for x in rng.integers(0, 60, num_seqs))
     else:
-        q_lens = tuple(int(rng.choice([0, 1, 1, int(rng.integers(2, 24))])) for _ in range(num_seqs))
+        # Chunks of 0, 1 (decode tokens) and up to 40 tokens (several query blocks).
+        q_lens = tuple(int(rng.choice([0, 1, 1, int(rng.integers(2, 40))])) for _ in range(num_seqs))
         if max(q_lens) < 2:
-            q_lens = q_lens[:-1] + (int(rng.integers(2, 24)),)
+            q_lens = q_lens[:-1] + (int(rng.integers(2, 40)),)
         kv_lens = tuple(q + int(rng.integers(0, 40)) for q in q_lens)
     return Case(
         q_lens=q_lens,
         kv_lens=kv_lens,
         num_q_heads=num_q_heads,
         num_kv_heads=num_kv_heads,
-        head_dim=head_dim or (64, 128)[index % 2],
-        block_size=block_size,
-        dtype=("float32", "bfloat16")[(index // 2) % 2],
-        kv_dtype=(None, "int8", "float8_e4m3fn")[(index // 3) % 3],
+        head_dim=head_dim or (64, 128)[(index // 3) % 2],
+        block_size=(4, 8, 16)[(index // 2) % 3],
+        dtype=("float32", "bfloat16")[index % 2],
+        kv_dtype=(None, "int8", "float8_e4m3fn")[index % 3],
         sliding_window=int(rng.integers(1, 20)) if index % 4 in (1, 2) else None,
         soft_cap=float(rng.uniform(5.0, 30.0)) if index % 4 in (2, 3) else None,
         padding_seqs=int(rng.integers(0, 3)),

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash_attention import (
     FlashBlockSizes,
@@ -42,7 +43,7 @@ CASES = [
     pytest.param(64, 64, 4, 1, 32, False, 0, 0, None, id="full-mqa"),
     pytest.param(40, 72, 6, 2, 16, True, 40, 0, None, id="causal-gqa3-q-after-k-ragged"),
     pytest.param(48, 80, 8, 2, 16, True, 17, 31, None, id="causal-gqa4-offsets-partly-empty"),
-    pytest.param(33, 50, 3, 3, 16, False, 0, 0, 5.0, id="full-softcap-ragged"),
+    pytest.param(33, 50, 3, 3, 24, False, 0, 0, 5.0, id="full-softcap-ragged-d24"),
     pytest.param(32, 96, 4, 2, 16, True, 64, 0, 3.0, id="causal-softcap-chunk-at-end"),
 ]
 
@@ -63,12 +64,30 @@ def test_matches_reference(
     assert_matches_reference(out, lse, ref_out, ref_lse, dtype)
 
 
-def test_small_blocks_walk_full_and_masked_key_blocks():
-    # 8x8 tiles over 40 queries / 56 keys: several fully visible, diagonal and skipped blocks.
-    q, k, v = random_qkv(7, 40, 56, 4, 2, 16, jnp.float32)
-    args = dict(sm_scale=0.25, causal=True, q_offset=20, k_offset=3)
-    out, lse = flash_attention(q, k, v, **args, block_sizes=FlashBlockSizes(block_q=8, block_k=8))
+def test_small_tiles_walk_full_and_masked_key_blocks():
+    # 16x16 tiles over 40 queries / 88 keys: fully visible, diagonal, padded and skipped blocks.
+    q, k, v = random_qkv(7, 40, 88, 4, 2, 16, jnp.float32)
+    args = dict(sm_scale=0.25, causal=True, q_offset=36, k_offset=3)
+    out, lse = flash_attention(q, k, v, **args, block_sizes=FlashBlockSizes(block_q=16, block_k=16))
     assert_matches_reference(out, lse, *flash_attention_reference(q, k, v, **args), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "dtype,head_dim,interpret",
+    [
+        (jnp.float32, 16, True),
+        (jnp.bfloat16, 24, True),
+        (jnp.float32, 16, pltpu.InterpretParams(detect_races=True)),
+    ],
+    ids=["f32", "bf16-d24", "f32-tpu-interpreter"],
+)
+def test_mosaic_tpu_variant(dtype, head_dim, interpret):
+    # The TPU variant (head-major layout, SMEM offset, lane-replicated lse) in interpret mode;
+    # InterpretParams also simulates TPU memory spaces and checks for races.
+    q, k, v = random_qkv(5, 48, 80, 4, 2, head_dim, dtype)
+    args = dict(sm_scale=0.3, causal=True, q_offset=30, k_offset=0, soft_cap=4.0)
+    out, lse = flash_attention(q, k, v, **args, lowering="mosaic_tpu", interpret=interpret)
+    assert_matches_reference(out, lse, *flash_attention_reference(q, k, v, **args), dtype)
 
 
 def test_traced_offsets():
@@ -91,6 +110,13 @@ def test_rows_without_visible_keys_give_zero_and_neg_inf():
     out, lse = np.asarray(out), np.asarray(lse)
     assert (out[:16] == 0).all() and np.isneginf(lse[:, :16]).all()
     assert np.isfinite(lse[:, 16:]).all() and (np.abs(out[16:]).sum(axis=-1) > 0).all()
+
+
+@pytest.mark.parametrize("tiles", [FlashBlockSizes(8, 32), FlashBlockSizes(32, 48)])
+def test_bad_block_sizes_raise(tiles):
+    q, k, v = random_qkv(0, 32, 32, 2, 1, 16, jnp.float32)
+    with pytest.raises(ValueError, match="block_sizes"):
+        flash_attention(q, k, v, sm_scale=1.0, causal=True, block_sizes=tiles)
 
 
 def _f32(*shape):

@@ -25,50 +25,38 @@ def _valid_rows(x):
     return np.arange(x["q"].shape[0]) < num_real
 
 
-def _check(case: Case, seed: int, **kwargs):
+def _check(case: Case, seed: int, lowerings: dict):
+    """Runs each {lowering: (interpret, block overrides)} kernel against one reference call."""
     x = make_inputs(case, seed)
     args, scales = ragged_args(x)
-    out = ragged_paged_attention(*args, **scales, **options(case), implementation="pallas",
-                                 **kwargs)
     ref = ragged_paged_attention_reference(*args, **scales, **options(case))
-    assert out.dtype == x["q"].dtype
-    assert_close(out, ref, case.dtype, valid_rows=_valid_rows(x))
+    for lowering, (interpret, blocks) in lowerings.items():
+        out = ragged_paged_attention(*args, **scales, **options(case), implementation="pallas",
+                                     lowering=lowering, interpret=interpret, **blocks)
+        assert out.dtype == x["q"].dtype
+        assert_close(out, ref, case.dtype, valid_rows=_valid_rows(x))
 
 
-@pytest.mark.parametrize("index", range(10))
-def test_triton_kernel_matches_reference(index):
+@pytest.mark.parametrize("index", range(6))
+def test_kernels_match_reference(index):
     case = random_case(index, decode=False)
     # Small blocks, so that a chunk spans several query blocks and a walk several key blocks.
-    _check(case, seed=index, lowering="triton", interpret=True, block_q=16,
-           block_kv=2 * case.block_size)
+    lowerings = {"triton": (True, dict(block_q=16, block_kv=2 * case.block_size))}
+    if index in (0, 3):
+        lowerings["mosaic_tpu"] = (True, dict(block_q=8, block_kv=2 * case.block_size))
+    _check(case, index, lowerings)
 
 
-def test_triton_kernel_head_dim_256_and_default_blocks():
+def test_head_dim_256_with_tuned_blocks():
     case = dataclasses.replace(random_case(5, decode=False, head_dim=256), dtype="bfloat16")
-    _check(case, seed=99, lowering="triton", interpret=True)
-
-
-@pytest.mark.parametrize("index", [0, 4, 7])
-def test_tpu_kernel_matches_reference(index):
-    case = random_case(index, decode=False)
-    _check(case, seed=100 + index, lowering="mosaic_tpu", interpret=True, block_q=8,
-           block_kv=2 * case.block_size)
+    _check(case, 99, {"triton": (True, {})})
 
 
 def test_tpu_kernel_in_tpu_interpreter_with_race_detection():
     case = Case(q_lens=(3, 1), kv_lens=(11, 6), num_q_heads=4, num_kv_heads=2, head_dim=128,
                 block_size=4, kv_dtype="int8", sliding_window=7)
-    _check(case, seed=7, lowering="mosaic_tpu", block_q=8, block_kv=8,
-           interpret=pltpu.InterpretParams(detect_races=True))
-
-
-def test_decode_only_and_single_long_chunk():
-    decode = Case(q_lens=(1,) * 5, kv_lens=(1, 9, 16, 17, 40), num_q_heads=8, num_kv_heads=2,
-                  head_dim=64, block_size=8)
-    _check(decode, seed=3, lowering="triton", interpret=True, block_q=16, block_kv=16)
-    prefill = Case(q_lens=(37,), kv_lens=(37,), num_q_heads=4, num_kv_heads=4, head_dim=64,
-                   block_size=16, sliding_window=9)
-    _check(prefill, seed=4, lowering="triton", interpret=True, block_q=16, block_kv=16)
+    _check(case, 7, {"mosaic_tpu": (pltpu.InterpretParams(detect_races=True),
+                                    dict(block_q=8, block_kv=8))})
 
 
 def test_auto_on_cpu_is_the_reference():

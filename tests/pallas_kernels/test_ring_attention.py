@@ -9,18 +9,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
 import pallas_kernels.ring_attention as ring_module
 from pallas_kernels.ring_attention import ring_attention, ring_attention_reference
 
 
-def sequence_mesh(num_devices):
+def sequence_mesh(num_devices, axis_type=AxisType.Auto):
     if len(jax.devices()) < num_devices:
         pytest.skip(
             f"needs {num_devices} devices, have {len(jax.devices())}: run with "
             "XLA_FLAGS=--xla_force_host_platform_device_count=8"
         )
-    return jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ("sequence",))
+    return jax.sharding.Mesh(
+        np.array(jax.devices()[:num_devices]), ("sequence",), axis_types=(axis_type,)
+    )
 
 
 def random_qkv(seed, seq_len, num_q_heads, num_kv_heads, head_dim, dtype=jnp.float32):
@@ -65,6 +68,14 @@ def test_other_layouts_masks_and_dtypes(layout, causal, dtype):
     ref = ring_attention_reference(q, k, v, sm_scale=0.25, causal=causal)
     assert out.dtype == dtype
     assert relative_error(out, ref) < (1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+def test_explicit_mesh_axis():
+    # jax.make_mesh's default axis type: shard_map then needs inputs already on the axis.
+    mesh = sequence_mesh(4, AxisType.Explicit)
+    q, k, v = random_qkv(3, 64, 4, 2, 16)
+    out = ring_attention(q, k, v, mesh=mesh, sm_scale=0.25, use_pallas=False)
+    assert relative_error(out, ring_attention_reference(q, k, v, sm_scale=0.25)) < 1e-5
 
 
 def test_mesh_with_other_axes():
