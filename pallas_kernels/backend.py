@@ -81,3 +81,19 @@ def tpu_compiler_params(dimension_semantics: tuple[str, ...],
                         vmem_limit_bytes: int | None = None) -> pltpu.CompilerParams:
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics,
                                 vmem_limit_bytes=vmem_limit_bytes)
+
+
+# Shared memory a Triton program may plan for: the H100 gives 227 KiB per block; the rest goes
+# to layout conversions, which grew an f32 decode tile of 196 KiB (estimated) to 264 KiB.
+TRITON_SMEM_BUDGET = 180 * 1024
+
+
+def fit_triton_block_kv(block_kv: int, *, rows: int, head_dim: int, itemsize: int,
+                        num_stages: int) -> int:
+    """Halves a tuned block_kv (down to 16) until its pipelined K and V tiles plus the query tile
+    fit TRITON_SMEM_BUDGET: tables are tuned in bf16, and f32 doubles every tile."""
+    def need(bkv):
+        return (num_stages * 2 * bkv + rows) * head_dim * itemsize
+    while block_kv > 16 and need(block_kv) > TRITON_SMEM_BUDGET:
+        block_kv //= 2
+    return block_kv

@@ -14,7 +14,8 @@ block's copies start before this block's compute), and each KV head's keys are r
 strided VMEM load.
 """
 
-import jax
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -27,24 +28,38 @@ def _iota(shape, dim):
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def walk_pages_triton(q, mask_fn, *, seq, kv_len, start_entry, num_blocks, block_tables_ref,
-                      k_pages_ref, v_pages_ref, k_scales_ref, v_scales_ref,
+def _unmasked_blocks(start_entry, num_blocks, full_lo, full_hi, *, block_size, pages_per_block):
+    """Blocks [a, b) of a walk whose keys lie in [full_lo, full_hi): seen by every row, so they
+    need no mask. Blocks before a (window edge) and from b on (causal diagonal, end of context)
+    keep the mask."""
+    block_k = pages_per_block * block_size
+    first_key = start_entry * block_size
+    a = lax.div(jnp.maximum(full_lo - first_key, 0) + block_k - 1, block_k)
+    b = jnp.minimum(lax.div(jnp.maximum(full_hi - first_key, 0), block_k), num_blocks)
+    return jnp.minimum(a, b), b
+
+
+def walk_pages_triton(q, mask_fn, *, seq, kv_len, start_entry, num_blocks, full_lo, full_hi,
+                      block_tables_ref, k_pages_ref, v_pages_ref, k_scales_ref, v_scales_ref,
                       pages_per_block: int, sm_scale: float, soft_cap: float | None):
     """Attends q [rows, D] to one KV head of sequence `seq`; returns (m, l, acc).
 
-    block_tables_ref: [max_num_seqs, padded_entries] int32; k_pages_ref, v_pages_ref:
-    [num_blocks, block_size, D] (one KV head); k_scales_ref, v_scales_ref: [num_blocks] f32 or
-    None. mask_fn(kv_pos [1, keys] int32) -> bool mask broadcastable to [rows, keys].
+    block_tables_ref: [max_num_seqs, max_blocks_per_seq] int32 (entries past the end are
+    clamped, then never followed); k_pages_ref, v_pages_ref: [num_blocks, block_size, D] (one
+    KV head); k_scales_ref, v_scales_ref: [num_blocks] f32 or None. mask_fn(kv_pos [1, keys]
+    int32) -> bool mask broadcastable to [rows, keys]; keys in [full_lo, full_hi) are visible
+    to every row that matters, and blocks made only of such keys skip the mask.
     """
     rows, head_dim = q.shape
     block_size = k_pages_ref.shape[1]
+    width = block_tables_ref.shape[1]
     block_k = pages_per_block * block_size
 
-    def body(i, carry):
+    def body(masked, i, carry):
         entry0 = start_entry + i * pages_per_block
-        pages = block_tables_ref[seq, pl.ds(entry0, pages_per_block)]  # [pages_per_block]
-        # Entries past the sequence's last page may be stale: never follow them.
         entries = entry0 + _iota((pages_per_block,), 0)
+        pages = block_tables_ref[seq, jnp.minimum(entries, width - 1)]  # [pages_per_block]
+        # Entries past the sequence's last page may be stale: never follow them.
         pages = jnp.where(entries * block_size < kv_len, pages, 0)
         k = k_pages_ref[pages].reshape(block_k, head_dim)  # gather: [pages, block_size, D]
         v = v_pages_ref[pages].reshape(block_k, head_dim)
@@ -52,13 +67,19 @@ def walk_pages_triton(q, mask_fn, *, seq, kv_len, start_entry, num_blocks, block
         if k_scales_ref is not None:
             def per_key(scales_ref):
                 s = scales_ref[pages]  # [pages_per_block]
-                return jnp.broadcast_to(s[:, None], (pages_per_block, block_size)).reshape(1, block_k)
+                s = jnp.broadcast_to(s[:, None], (pages_per_block, block_size))
+                return s.reshape(1, block_k)
             k_scale, v_scale = per_key(k_scales_ref), per_key(v_scales_ref)
-        kv_pos = entry0 * block_size + _iota((1, block_k), 1)
-        return attend_block(q, k, v, mask_fn(kv_pos), *carry, sm_scale=sm_scale,
-                            soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
+        mask = mask_fn(entry0 * block_size + _iota((1, block_k), 1)) if masked else None
+        return attend_block(q, k, v, mask, *carry, sm_scale=sm_scale, soft_cap=soft_cap,
+                            k_scale=k_scale, v_scale=v_scale)
 
-    return lax.fori_loop(0, num_blocks, body, initial_state(rows, head_dim))
+    a, b = _unmasked_blocks(start_entry, num_blocks, full_lo, full_hi, block_size=block_size,
+                            pages_per_block=pages_per_block)
+    masked, unmasked = functools.partial(body, True), functools.partial(body, False)
+    carry = lax.fori_loop(0, a, masked, initial_state(rows, head_dim))
+    carry = lax.fori_loop(a, b, unmasked, carry)
+    return lax.fori_loop(b, num_blocks, masked, carry)
 
 
 class TpuPageBuffers:
@@ -83,14 +104,14 @@ class TpuPageBuffers:
         return shapes
 
 
-def walk_pages_tpu(q_ref, mask_fn, *, kv_len, table_base, start_entry, num_blocks,
+def walk_pages_tpu(q_ref, mask_fn, *, seq, kv_len, start_entry, num_blocks, table_width,
                    block_tables_ref, k_hbm_ref, v_hbm_ref, k_scales_hbm_ref, v_scales_hbm_ref,
                    scratch, block_size: int, pages_per_block: int, sm_scale: float,
                    soft_cap: float | None):
     """Attends q_ref [num_kv_heads, rows, D] to all KV heads of one sequence.
 
-    block_tables_ref: flat SMEM [max_num_seqs * padded_entries]; the sequence's entries start
-    at `table_base`. k_hbm_ref, v_hbm_ref: [num_blocks, block_size * num_kv_heads, D] in HBM;
+    block_tables_ref: flat SMEM [max_num_seqs * table_width] (entries past the end are clamped,
+    then never followed). k_hbm_ref, v_hbm_ref: [num_blocks, block_size * num_kv_heads, D] in HBM;
     k_scales_hbm_ref, v_scales_hbm_ref: [num_blocks, num_kv_heads] f32 in HBM or None.
     scratch: the refs of TpuPageBuffers.shapes. Leaves (m, l, acc) in the last three scratch
     refs ([num_kv_heads, rows, 1|D]).
@@ -109,7 +130,8 @@ def walk_pages_tpu(q_ref, mask_fn, *, kv_len, table_base, start_entry, num_block
         out = []
         for p in range(pages_per_block):
             entry = entry0 + p
-            page = jnp.where(entry * block_size < kv_len, block_tables_ref[table_base + entry], 0)
+            page = block_tables_ref[seq * table_width + jnp.minimum(entry, table_width - 1)]
+            page = jnp.where(entry * block_size < kv_len, page, 0)
             dst = pl.ds(p * page_rows, page_rows)
             out.append(pltpu.make_async_copy(k_hbm_ref.at[page], k_buf.at[slot, dst],
                                              sems.at[slot, 0]))

@@ -32,10 +32,13 @@ class DecodeBlockSizes:
     target_programs: int  # splits are added until sequences x programs per split reaches this
 
 
-# Tuned block sizes, keyed by (lowering, head_dim). H100 figures: docs/BENCHMARKS.md.
+# Tuned block sizes, keyed by (lowering, head_dim). The Triton head_dim 128 row was picked by
+# `tools/benchmark_attention.py --autotune` on an H100 (docs/BENCHMARKS.md); the other head dims
+# and the TPU row are starting points, checked for correctness, not timed. f32 inputs halve
+# block_kv to fit shared memory (backend.fit_triton_block_kv).
 TUNED_BLOCK_SIZES = {
-    ("triton", 64): DecodeBlockSizes(block_kv=128, num_warps=4, num_stages=2, target_programs=264),
-    ("triton", 128): DecodeBlockSizes(block_kv=128, num_warps=4, num_stages=2, target_programs=264),
+    ("triton", 64): DecodeBlockSizes(block_kv=64, num_warps=4, num_stages=3, target_programs=264),
+    ("triton", 128): DecodeBlockSizes(block_kv=64, num_warps=4, num_stages=3, target_programs=264),
     ("triton", 256): DecodeBlockSizes(block_kv=64, num_warps=8, num_stages=2, target_programs=264),
     ("mosaic_tpu", None): DecodeBlockSizes(block_kv=128, num_warps=0, num_stages=0,
                                            target_programs=8),
@@ -68,7 +71,7 @@ def _decode_mask(kv_len, sliding_window):
 
 def _decode_kernel_triton(
     kv_lens_ref,  # [max_num_seqs] int32
-    block_tables_ref,  # [max_num_seqs, num_splits * pages_per_split] int32
+    block_tables_ref,  # [max_num_seqs, max_blocks_per_seq] int32
     q_ref,  # [rows, D]: the query heads of (sequence, kv head), padded to `rows`
     k_pages_ref,  # [num_blocks, block_size, D]: one kv head
     v_pages_ref,  # [num_blocks, block_size, D]
@@ -86,7 +89,8 @@ def _decode_kernel_triton(
                                        end_page=first + pages_per_split)
     m, l, acc = walk_pages_triton(
         q_ref[...], _decode_mask(kv_len, sliding_window), seq=seq, kv_len=kv_len,
-        start_entry=start, num_blocks=num_blocks, block_tables_ref=block_tables_ref,
+        start_entry=start, num_blocks=num_blocks, full_lo=lo, full_hi=hi,
+        block_tables_ref=block_tables_ref,
         k_pages_ref=k_pages_ref, v_pages_ref=v_pages_ref, k_scales_ref=k_scales_ref,
         v_scales_ref=v_scales_ref, pages_per_block=pages_per_block, sm_scale=sm_scale,
         soft_cap=soft_cap)
@@ -97,13 +101,13 @@ def _decode_kernel_triton(
 
 def _decode_kernel_tpu(
     kv_lens_ref,  # SMEM [max_num_seqs] int32 (scalar prefetch)
-    block_tables_ref,  # SMEM [max_num_seqs * num_splits * pages_per_split] int32
+    block_tables_ref,  # SMEM [max_num_seqs * max_blocks_per_seq] int32
     q_ref,  # VMEM [num_kv_heads, rows, D] (sequence)
     k_hbm_ref,  # HBM [num_blocks, block_size * num_kv_heads, D]
     v_hbm_ref,  # HBM [num_blocks, block_size * num_kv_heads, D]
     *refs,  # k/v scales in HBM [num_blocks, num_kv_heads] when quantized; then outputs:
     # o_ref [num_kv_heads, rows, D] (split, sequence); lse_ref [num_kv_heads, rows, 1]; scratch
-    sm_scale, soft_cap, sliding_window, block_size, pages_per_block, pages_per_split, num_splits,
+    sm_scale, soft_cap, sliding_window, block_size, pages_per_block, pages_per_split, table_width,
     quantized,
 ):
     if quantized:
@@ -119,8 +123,8 @@ def _decode_kernel_tpu(
                                        pages_per_block=pages_per_block, first_page=first,
                                        end_page=first + pages_per_split)
     m_ref, l_ref, acc_ref = walk_pages_tpu(
-        q_ref, _decode_mask(kv_len, sliding_window), kv_len=kv_len,
-        table_base=seq * num_splits * pages_per_split, start_entry=start, num_blocks=num_blocks,
+        q_ref, _decode_mask(kv_len, sliding_window), seq=seq, kv_len=kv_len,
+        start_entry=start, num_blocks=num_blocks, table_width=table_width,
         block_tables_ref=block_tables_ref, k_hbm_ref=k_hbm_ref, v_hbm_ref=v_hbm_ref,
         k_scales_hbm_ref=k_scales_ref, v_scales_hbm_ref=v_scales_ref, scratch=scratch,
         block_size=block_size, pages_per_block=pages_per_block, sm_scale=sm_scale,
@@ -215,7 +219,8 @@ def _decode_tpu(q4, k_pages, v_pages, kv_lens, block_tables, k_scales, v_scales,
     kernel = functools.partial(
         _decode_kernel_tpu, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         block_size=block_size, pages_per_block=plan.pages_per_block,
-        pages_per_split=plan.pages_per_split, num_splits=splits, quantized=quantized)
+        pages_per_split=plan.pages_per_split, table_width=block_tables.shape[1],
+        quantized=quantized)
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     in_specs = [pl.BlockSpec((None, num_kv_heads, rows, head_dim), lambda s, p, *_: (s, 0, 0, 0)),
                 hbm, hbm] + [hbm, hbm] * quantized
@@ -313,20 +318,22 @@ def paged_decode_attention(
         raise ValueError(f"k_pages block_size must be a power of two for the Triton kernel, "
                          f"got {kv.block_size}")
     sizes = tuned_block_sizes(target.lowering, kv.head_dim)
-    sizes = dataclasses.replace(
-        sizes, block_kv=block_kv or sizes.block_kv, num_warps=num_warps or sizes.num_warps,
-        num_stages=num_stages or sizes.num_stages)
+    sizes = dataclasses.replace(sizes, num_warps=num_warps or sizes.num_warps,
+                                num_stages=num_stages or sizes.num_stages)
     num_seqs, num_q_heads, head_dim = q.shape
     group = num_q_heads // kv.num_kv_heads
+    if block_kv is None and target.lowering == "triton":
+        block_kv = backend.fit_triton_block_kv(
+            sizes.block_kv, rows=max(16, pl.next_power_of_2(group)), head_dim=head_dim,
+            itemsize=q.dtype.itemsize, num_stages=sizes.num_stages)
+    sizes = dataclasses.replace(sizes, block_kv=block_kv or sizes.block_kv)
     plan = _plan(target, num_seqs=num_seqs, num_kv_heads=kv.num_kv_heads, group=group,
                  block_size=kv.block_size, entries=block_tables.shape[1], sizes=sizes,
                  num_splits=num_splits)
 
     q4 = q.reshape(num_seqs, kv.num_kv_heads, group, head_dim)
     q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, plan.rows - group), (0, 0)))
-    entries = plan.num_splits * plan.pages_per_split
-    tables = jnp.pad(block_tables.astype(jnp.int32),
-                     ((0, 0), (0, entries - block_tables.shape[1])))
+    tables = block_tables.astype(jnp.int32)
     build = _decode_triton if target.lowering == "triton" else _decode_tpu
     out, lse = build(q4, k_pages, v_pages, kv_lens.astype(jnp.int32), tables, k_scales, v_scales,
                      plan=plan, sizes=sizes, sm_scale=sm_scale, soft_cap=soft_cap,

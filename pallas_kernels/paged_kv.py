@@ -1,5 +1,6 @@
-"""The paged KV cache as the attention kernels take it: argument checks, raised where a bad
-shape enters, with the argument's name and the shape it should have.
+"""The paged KV cache as the attention kernels take it: argument checks (raised where a bad
+shape enters, with the argument's name and the shape it should have), the float32 page gather
+of the references, and the range of pages a kernel walks.
 
 Pages are `[num_blocks, block_size, num_kv_heads, head_dim]`. Quantized pages (int8 or
 float8_e4m3fn) carry one float32 scale per (block, kv head): `[num_blocks, num_kv_heads]`, and
@@ -39,7 +40,8 @@ def check_paged_kv(k_pages: jax.Array, v_pages: jax.Array, k_scales: jax.Array |
         raise ValueError(f"v_pages must have the shape of k_pages {tuple(k_pages.shape)} "
                          f"({expected}), got {tuple(v_pages.shape)}")
     if v_pages.dtype != k_pages.dtype:
-        raise ValueError(f"v_pages dtype {v_pages.dtype} differs from k_pages dtype {k_pages.dtype}")
+        raise ValueError(f"v_pages dtype {v_pages.dtype} differs from k_pages dtype "
+                         f"{k_pages.dtype}")
     num_blocks, block_size, num_kv_heads, head_dim = k_pages.shape
     quantized = jnp.dtype(k_pages.dtype) in QUANTIZED_DTYPES
     if not quantized and jnp.dtype(k_pages.dtype) not in FLOAT_DTYPES:
@@ -81,13 +83,13 @@ def check_int_array(name: str, x: jax.Array, shape: tuple[int, ...], expected: s
         raise ValueError(f"{name} must be an integer array (int32), got {x.dtype}")
 
 
-def check_static(name: str, value, *, positive: bool = True) -> None:
-    """sliding_window, soft_cap and sm_scale are Python numbers fixed at trace time."""
+def check_static(name: str, value) -> None:
+    """sliding_window, soft_cap and sm_scale: Python numbers fixed at trace time, > 0 when set."""
     if value is None:
         return
-    if isinstance(value, jax.Array) and not isinstance(value, np.ndarray):
-        raise ValueError(f"{name} must be a Python number, not a traced array")
-    if positive and not value > 0:
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
@@ -104,10 +106,10 @@ def kv_block_range(kv_lo, kv_hi, *, block_size: int, pages_per_block: int, first
                    end_page=None):
     """The compute blocks a kernel walks to see keys [kv_lo, kv_hi) (int32 scalars, >= 0).
 
-    Blocks are `pages_per_block` consecutive block-table entries, counted from `first_page` (a
-    split's first entry) so that each block's table slice stays inside the padded table; pages
-    at or past `end_page` belong to the next split. Returns (start_entry, num_blocks). Runs
-    inside kernels (Triton and Mosaic) as well as outside.
+    Blocks are `pages_per_block` consecutive block-table entries, aligned to `first_page` (a
+    split's first entry); pages at or past `end_page` belong to the next split. Entries past the
+    table's width or the keys are clamped and masked by the walkers. Returns (start_entry,
+    num_blocks). Runs inside kernels (Triton and Mosaic) as well as outside.
     """
     lo_page = lax.div(kv_lo, block_size)
     skip = lax.div(jnp.maximum(lo_page - first_page, 0), pages_per_block) * pages_per_block

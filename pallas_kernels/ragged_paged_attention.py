@@ -41,10 +41,13 @@ class RaggedBlockSizes:
     num_stages: int  # Triton only
 
 
-# Tuned block sizes, keyed by (lowering, head_dim). H100 figures: docs/BENCHMARKS.md.
+# Tuned block sizes, keyed by (lowering, head_dim). The Triton head_dim 128 row was picked by
+# `tools/benchmark_attention.py --autotune` on an H100 (docs/BENCHMARKS.md); the other head dims
+# and the TPU row are starting points, checked for correctness, not timed. f32 inputs halve
+# block_kv to fit shared memory (backend.fit_triton_block_kv).
 TUNED_BLOCK_SIZES = {
-    ("triton", 64): RaggedBlockSizes(block_q=64, block_kv=64, num_warps=4, num_stages=3),
-    ("triton", 128): RaggedBlockSizes(block_q=64, block_kv=64, num_warps=4, num_stages=3),
+    ("triton", 64): RaggedBlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=2),
+    ("triton", 128): RaggedBlockSizes(block_q=128, block_kv=128, num_warps=8, num_stages=2),
     ("triton", 256): RaggedBlockSizes(block_q=64, block_kv=32, num_warps=8, num_stages=2),
     ("mosaic_tpu", None): RaggedBlockSizes(block_q=128, block_kv=128, num_warps=0, num_stages=0),
 }
@@ -60,10 +63,11 @@ def tuned_block_sizes(lowering: str, head_dim: int) -> RaggedBlockSizes:
 # ---------------------------------------------------------------------------------------------
 
 def _block_rows(q_first, q_len, kv_len, *, rows, group_rows, tokens_per_block, sliding_window):
-    """Positions of a query block's rows and the keys [lo, hi) the block needs.
+    """Positions of a query block's rows, the keys [kv_lo, kv_hi) the block needs, and the keys
+    [full_lo, full_hi) that every valid row sees.
 
     Row r holds token q_first + r // group_rows of the sequence. Returns (pos [rows, 1],
-    row_valid [rows, 1], kv_lo, kv_hi)."""
+    row_valid [rows, 1], kv_lo, kv_hi, full_lo, full_hi)."""
     token = q_first + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group_rows
     row_valid = token < q_len
     pos = kv_len - q_len + token
@@ -71,7 +75,9 @@ def _block_rows(q_first, q_len, kv_len, *, rows, group_rows, tokens_per_block, s
     first_pos = kv_len - q_len + q_first
     kv_hi = jnp.where(num_tokens > 0, first_pos + num_tokens, 0)
     kv_lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
-    return pos, row_valid, kv_lo, jnp.maximum(kv_hi, 0)
+    full_lo = 0 if sliding_window is None else kv_hi - sliding_window  # last row's window
+    full_hi = first_pos + 1  # the first row's causal edge
+    return pos, row_valid, kv_lo, jnp.maximum(kv_hi, 0), full_lo, full_hi
 
 
 def _ragged_mask(pos, row_valid, sliding_window):
@@ -86,29 +92,33 @@ def _ragged_mask(pos, row_valid, sliding_window):
 def _ragged_kernel_triton(
     kv_lens_ref,  # [max_num_seqs] int32
     q_lens_ref,  # [max_num_seqs] int32 (0 for padding sequences)
-    block_tables_ref,  # [max_num_seqs, padded_entries] int32
+    block_tables_ref,  # [max_num_seqs, max_blocks_per_seq] int32
     block_seq_ref,  # [num_q_blocks] int32: sequence of each query block
     block_q_first_ref,  # [num_q_blocks] int32: its first token, counted within the sequence
     q_ref,  # [rows, D] (query block, kv head)
     k_pages_ref,  # [num_blocks, block_size, D]: one kv head
     v_pages_ref,  # [num_blocks, block_size, D]
     *refs,  # k_scales_ref, v_scales_ref ([num_blocks] f32) when quantized; then o_ref [rows, D]
-    sm_scale, soft_cap, sliding_window, group_rows, tokens_per_block, pages_per_block, quantized,
+    sm_scale, soft_cap, sliding_window, group_rows, tokens_per_block, pages_per_block, num_q_blocks,
+    quantized,
 ):
     k_scales_ref, v_scales_ref, o_ref = refs if quantized else (None, None, *refs)
-    block = pl.program_id(0)
+    # Programs run in reverse block order: a sequence's last query blocks walk the most keys,
+    # and starting the longest work first shortens the tail of the launch.
+    block = num_q_blocks - 1 - pl.program_id(0)
     seq = block_seq_ref[block]
     q_first = block_q_first_ref[block]
     kv_len, q_len = kv_lens_ref[seq], q_lens_ref[seq]
     rows = q_ref.shape[0]
-    pos, row_valid, kv_lo, kv_hi = _block_rows(
+    pos, row_valid, kv_lo, kv_hi, full_lo, full_hi = _block_rows(
         q_first, q_len, kv_len, rows=rows, group_rows=group_rows,
         tokens_per_block=tokens_per_block, sliding_window=sliding_window)
     start, num_blocks = kv_block_range(kv_lo, kv_hi, block_size=k_pages_ref.shape[1],
                                        pages_per_block=pages_per_block)
     m, l, acc = walk_pages_triton(
         q_ref[...], _ragged_mask(pos, row_valid, sliding_window), seq=seq, kv_len=kv_len,
-        start_entry=start, num_blocks=num_blocks, block_tables_ref=block_tables_ref,
+        start_entry=start, num_blocks=num_blocks, full_lo=full_lo, full_hi=full_hi,
+        block_tables_ref=block_tables_ref,
         k_pages_ref=k_pages_ref, v_pages_ref=v_pages_ref, k_scales_ref=k_scales_ref,
         v_scales_ref=v_scales_ref, pages_per_block=pages_per_block, sm_scale=sm_scale,
         soft_cap=soft_cap)
@@ -118,7 +128,7 @@ def _ragged_kernel_triton(
 def _ragged_kernel_tpu(
     kv_lens_ref,  # SMEM [max_num_seqs] int32 (scalar prefetch, as are the next four)
     q_lens_ref,  # SMEM [max_num_seqs] int32
-    block_tables_ref,  # SMEM [max_num_seqs * padded_entries] int32
+    block_tables_ref,  # SMEM [max_num_seqs * max_blocks_per_seq] int32
     block_seq_ref,  # SMEM [num_q_blocks] int32
     block_q_first_ref,  # SMEM [num_q_blocks] int32
     q_ref,  # VMEM [num_kv_heads, rows, D] (query block)
@@ -127,7 +137,7 @@ def _ragged_kernel_tpu(
     *refs,  # k/v scales in HBM [num_blocks, num_kv_heads] when quantized; then o_ref
     # [num_kv_heads, rows, D] (query block); then scratch
     sm_scale, soft_cap, sliding_window, group_rows, tokens_per_block, block_size, pages_per_block,
-    entries_per_seq, quantized,
+    table_width, quantized,
 ):
     if quantized:
         k_scales_ref, v_scales_ref, o_ref, *scratch = refs
@@ -139,14 +149,14 @@ def _ragged_kernel_tpu(
     q_first = block_q_first_ref[block]
     kv_len, q_len = kv_lens_ref[seq], q_lens_ref[seq]
     rows = q_ref.shape[1]
-    pos, row_valid, kv_lo, kv_hi = _block_rows(
+    pos, row_valid, kv_lo, kv_hi, _, _ = _block_rows(
         q_first, q_len, kv_len, rows=rows, group_rows=group_rows,
         tokens_per_block=tokens_per_block, sliding_window=sliding_window)
     start, num_blocks = kv_block_range(kv_lo, kv_hi, block_size=block_size,
                                        pages_per_block=pages_per_block)
     m_ref, l_ref, acc_ref = walk_pages_tpu(
-        q_ref, _ragged_mask(pos, row_valid, sliding_window), kv_len=kv_len,
-        table_base=seq * entries_per_seq, start_entry=start, num_blocks=num_blocks,
+        q_ref, _ragged_mask(pos, row_valid, sliding_window), seq=seq, kv_len=kv_len,
+        start_entry=start, num_blocks=num_blocks, table_width=table_width,
         block_tables_ref=block_tables_ref, k_hbm_ref=k_hbm_ref, v_hbm_ref=v_hbm_ref,
         k_scales_hbm_ref=k_scales_ref, v_scales_hbm_ref=v_scales_ref, scratch=scratch,
         block_size=block_size, pages_per_block=pages_per_block, sm_scale=sm_scale,
@@ -247,10 +257,11 @@ def _ragged_triton(q_blocks, k_pages, v_pages, kv_lens, block_tables, sched, k_s
         _ragged_kernel_triton, sm_scale=sm_scale, soft_cap=soft_cap,
         sliding_window=sliding_window, group_rows=plan.group_rows,
         tokens_per_block=plan.tokens_per_block, pages_per_block=plan.pages_per_block,
-        quantized=quantized)
+        num_q_blocks=num_q_blocks, quantized=quantized)
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     page_spec = pl.BlockSpec((num_blocks, block_size, None, head_dim), lambda i, h: (0, 0, h, 0))
-    block_spec = pl.BlockSpec((None, None, rows, head_dim), lambda i, h: (i, h, 0, 0))
+    block_spec = pl.BlockSpec((None, None, rows, head_dim),
+                              lambda i, h: (num_q_blocks - 1 - i, h, 0, 0))
     small = [kv_lens, sched.q_lens, block_tables, sched.block_seq, sched.block_q_first]
     in_specs = [whole(x.shape) for x in small] + [block_spec, page_spec, page_spec]
     args = small + [q_blocks, k_pages, v_pages]
@@ -280,7 +291,7 @@ def _ragged_tpu(q_blocks, k_pages, v_pages, kv_lens, block_tables, sched, k_scal
         _ragged_kernel_tpu, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         group_rows=plan.group_rows, tokens_per_block=plan.tokens_per_block,
         block_size=block_size, pages_per_block=plan.pages_per_block,
-        entries_per_seq=block_tables.shape[1], quantized=quantized)
+        table_width=block_tables.shape[1], quantized=quantized)
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     block_spec = pl.BlockSpec((None, num_kv_heads, rows, head_dim), lambda i, *_: (i, 0, 0, 0))
     # A page [block_size, kv_heads, D] is one contiguous DMA as [block_size * kv_heads, D].
@@ -379,9 +390,14 @@ def ragged_paged_attention(
                          f"got {kv.block_size}")
     sizes = tuned_block_sizes(target.lowering, kv.head_dim)
     sizes = dataclasses.replace(
-        sizes, block_q=block_q or sizes.block_q, block_kv=block_kv or sizes.block_kv,
-        num_warps=num_warps or sizes.num_warps, num_stages=num_stages or sizes.num_stages)
-    num_tokens, num_q_heads, _ = q.shape
+        sizes, block_q=block_q or sizes.block_q, num_warps=num_warps or sizes.num_warps,
+        num_stages=num_stages or sizes.num_stages)
+    num_tokens, num_q_heads, head_dim = q.shape
+    if block_kv is None and target.lowering == "triton":
+        block_kv = backend.fit_triton_block_kv(
+            sizes.block_kv, rows=sizes.block_q, head_dim=head_dim, itemsize=q.dtype.itemsize,
+            num_stages=sizes.num_stages)
+    sizes = dataclasses.replace(sizes, block_kv=block_kv or sizes.block_kv)
     max_num_seqs = kv_lens.shape[0]
     if num_tokens == 0:
         return q
@@ -390,9 +406,7 @@ def ragged_paged_attention(
     cu_q_lens = cu_q_lens.astype(jnp.int32)
     num_seqs = jnp.asarray(num_seqs, jnp.int32)
     sched = _schedule(cu_q_lens, num_seqs, plan)
-    entries = pl.cdiv(block_tables.shape[1], plan.pages_per_block) * plan.pages_per_block
-    tables = jnp.pad(block_tables.astype(jnp.int32),
-                     ((0, 0), (0, entries - block_tables.shape[1])))
+    tables = block_tables.astype(jnp.int32)
     q_blocks = _to_blocks(q, cu_q_lens, sched, plan, kv.num_kv_heads)
     build = _ragged_triton if target.lowering == "triton" else _ragged_tpu
     out = build(q_blocks, k_pages, v_pages, kv_lens.astype(jnp.int32), tables, sched, k_scales,

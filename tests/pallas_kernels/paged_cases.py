@@ -50,7 +50,8 @@ def random_case(index: int, *, decode: bool, head_dim: int | None = None) -> Cas
         kv_lens = tuple(int(x) for x in rng.integers(0, 60, num_seqs))
     else:
         # Chunks of 0, 1 (decode tokens) and up to 40 tokens (several query blocks).
-        q_lens = tuple(int(rng.choice([0, 1, 1, int(rng.integers(2, 40))])) for _ in range(num_seqs))
+        q_lens = tuple(int(rng.choice([0, 1, 1, int(rng.integers(2, 40))]))
+                       for _ in range(num_seqs))
         if max(q_lens) < 2:
             q_lens = q_lens[:-1] + (int(rng.integers(2, 40)),)
         kv_lens = tuple(q + int(rng.integers(0, 40)) for q in q_lens)

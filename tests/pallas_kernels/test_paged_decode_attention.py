@@ -47,6 +47,12 @@ def test_long_context_many_splits_head_dim_256():
     _check(case, 11, {"triton": (True, dict(num_splits=4))})
 
 
+def test_window_edge_on_every_block_offset():
+    case = Case(q_lens=(1,) * 8, kv_lens=tuple(range(33, 41)), num_q_heads=4, num_kv_heads=2,
+                head_dim=64, block_size=4, sliding_window=16)
+    _check(case, 13, {"triton": (True, dict(block_kv=8, num_splits=2))})
+
+
 def test_tpu_kernel_in_tpu_interpreter_with_race_detection():
     case = Case(q_lens=(1, 1), kv_lens=(13, 0), num_q_heads=4, num_kv_heads=2, head_dim=128,
                 block_size=4, kv_dtype="float8_e4m3fn", soft_cap=10.0)

@@ -52,6 +52,14 @@ def test_head_dim_256_with_tuned_blocks():
     _check(case, 99, {"triton": (True, {})})
 
 
+def test_window_and_causal_edges_on_every_block_offset():
+    """Contexts 33..40 put the window's first key and the causal diagonal at every offset of
+    an 8-key block: the edges between masked and unmasked blocks must be exact."""
+    case = Case(q_lens=(1,) * 8 + (13,), kv_lens=tuple(range(33, 41)) + (40,), num_q_heads=4,
+                num_kv_heads=2, head_dim=64, block_size=4, sliding_window=16)
+    _check(case, 8, {"triton": (True, dict(block_q=16, block_kv=8))})
+
+
 def test_tpu_kernel_in_tpu_interpreter_with_race_detection():
     case = Case(q_lens=(3, 1), kv_lens=(11, 6), num_q_heads=4, num_kv_heads=2, head_dim=128,
                 block_size=4, kv_dtype="int8", sliding_window=7)
