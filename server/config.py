@@ -24,7 +24,7 @@ class Parallelism:
             if value != 1:
                 raise ValueError(
                     f"{axis}_parallel must be 1, got {value!r}: jaxserve does not shard the model "
-                    "over devices yet (the sharding/ package is still to come)")
+                    "over devices yet")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -19,8 +19,9 @@ The event loop never waits on the engine: posting a command takes a lock held on
 a deque. The engine thread never waits on the event loop: call_soon_threadsafe only schedules.
 When there is nothing to run the thread sleeps on the condition, woken by the next command.
 
-A queue receives RequestOutputs (cumulative, as Engine.step returns them; the last one has
-`finished`) or, if the engine itself fails, an EngineFault; nothing follows either.
+A request's queue holds at most one item, the newest: a RequestOutput (cumulative, as
+Engine.step returns them, so an unread older one adds nothing; the last one has `finished`) or,
+if the engine itself fails, an EngineFault. A slow reader thus costs one output, not a backlog.
 """
 
 import asyncio
@@ -148,7 +149,11 @@ class EngineLoop:
 
     def _abort(self, request_id: str) -> list[tuple[asyncio.Queue, object]]:
         queue = self._queues.pop(request_id, None)
-        output = self.engine.abort(request_id)
+        try:
+            output = self.engine.abort(request_id)
+        except Exception:  # the thread must live on: every other request depends on it
+            logger.exception("aborting request %s failed", request_id)
+            output = EngineFault("aborting the request failed; see the server log")
         return [(queue, output)] if queue is not None and output is not None else []
 
     def _abort_all(self) -> list[tuple[asyncio.Queue, object]]:
@@ -157,16 +162,11 @@ class EngineLoop:
     def _step(self) -> list[tuple[asyncio.Queue, object]]:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # the engine catches request faults itself; this is one it did not
+        except Exception:  # the engine catches request faults itself; this is one it did not
             logger.exception("Engine.step failed; ending the %d requests in it", len(self._queues))
-            fault = EngineFault(f"engine step failed: {e!r}")
+            fault = EngineFault("the engine step failed; see the server log")
             deliveries = [(queue, fault) for queue in self._queues.values()]
-            for request_id in list(self._queues):
-                try:
-                    self.engine.abort(request_id)
-                except Exception:
-                    logger.exception("abort of %s after a failed step failed too", request_id)
-            self._queues.clear()
+            self._abort_all()  # frees their blocks; the fault is what their callers see
             return deliveries
         deliveries = []
         for output in outputs:
@@ -185,6 +185,8 @@ class EngineLoop:
 
 def _put_all(deliveries: list[tuple[asyncio.Queue, RequestOutput | EngineFault]]) -> None:
     for queue, item in deliveries:
+        while not queue.empty():  # superseded: the new output holds everything the old one did
+            queue.get_nowait()
         queue.put_nowait(item)
 
 

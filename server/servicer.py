@@ -16,7 +16,6 @@ until the last. Every way a call can end maps to one status:
 
 import asyncio
 import contextlib
-import logging
 
 import grpc
 
@@ -29,8 +28,6 @@ from server.errors import StatusError, status_for_value_error
 from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 from server.gen.jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 from server.metrics import ServerMetrics
-
-logger = logging.getLogger(__name__)
 
 
 class JaxServeServicer(pb_grpc.JaxServeServicer):
@@ -51,6 +48,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
 
     async def Complete(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> pb.CompleteResponse:
+        last = None
         async with contextlib.aclosing(self._outputs(request, context)) as outputs:
             async for output in outputs:
                 last = output
@@ -65,7 +63,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
                 finished = False
                 try:
                     while not finished:
-                        output = await _latest(queue)
+                        output = await queue.get()
                         self._check(output, request_id)
                         finished = output.finished
                         if finished:
@@ -91,9 +89,9 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
                 prompt, params, priority=request.priority, client_id=request.client_id)
         except ValueError as e:
             raise StatusError(*status_for_value_error(e)) from e
-        except Exception as e:  # an engine fault on this request alone
-            logger.exception("adding a request failed")
-            raise StatusError(grpc.StatusCode.INTERNAL, f"adding the request failed: {e!r}") from e
+        except Exception as e:  # an engine fault on this request alone (logged by the engine loop)
+            raise StatusError(grpc.StatusCode.INTERNAL,
+                              "adding the request failed; see the server log") from e
 
     def _check(self, output: RequestOutput | EngineFault, request_id: str) -> None:
         """Raises StatusError for an output that ends the call with an error."""
@@ -151,10 +149,3 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         except StatusError as e:
             await context.abort(e.code, e.details, e.trailing_metadata)
 
-
-async def _latest(queue: asyncio.Queue):
-    """The newest item on the queue (outputs are cumulative, so the older ones add nothing)."""
-    item = await queue.get()
-    while not queue.empty():
-        item = queue.get_nowait()
-    return item

@@ -22,14 +22,14 @@ ENGINE_LIMITS = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=25
 TEST_TIMEOUT_S = 120  # a hung test dumps every thread's stack and ends the run
 
 
-def make_engine() -> Engine:
+def tiny_engine() -> Engine:
     return Engine(BUILTIN_MODEL, EngineConfig(**ENGINE_LIMITS), precompile=False, progress=False)
 
 
 class ServerThread:
     """A GrpcServer running on an event loop in a background thread."""
 
-    def __init__(self, config: ServerConfig, engine_factory=make_engine, load: bool = True):
+    def __init__(self, config: ServerConfig, engine_factory=tiny_engine, load: bool = True):
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self._thread.start()
@@ -52,13 +52,12 @@ class ServerThread:
     def stub(self) -> pb_grpc.JaxServeStub:
         return pb_grpc.JaxServeStub(self.channel())
 
-    def wait_all_blocks_free(self, timeout: float = 10) -> bool:
-        """Polls until the engine holds no request and every KV block is free."""
+    def wait_idle(self, timeout: float = 10) -> bool:
+        """Polls until no call is in flight, the engine holds no request and every KV block is free."""
         engine = self.server.engine
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            stats = self.server.engine_loop.stats
-            if (not engine.has_unfinished_requests and stats.num_running == 0
+            if (self.server.admission.in_flight == 0 and not engine.has_unfinished_requests
                     and engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks):
                 return True
             time.sleep(0.02)
@@ -98,8 +97,8 @@ def make_server():
     """Builds servers with their own config; closes them after the test."""
     servers = []
 
-    def make(**config) -> ServerThread:
-        server = ServerThread(ServerConfig(port=0, **config))
+    def make(engine_factory=tiny_engine, load=True, **config) -> ServerThread:
+        server = ServerThread(ServerConfig(port=0, **config), engine_factory, load)
         servers.append(server)
         return server
 

@@ -22,7 +22,7 @@ def test_cancelled_stream_frees_its_blocks(shared_server):
     with pytest.raises(grpc.RpcError) as error:
         next(call)
     assert error.value.code() == grpc.StatusCode.CANCELLED
-    assert shared_server.wait_all_blocks_free()
+    assert shared_server.wait_idle()
     assert engine.num_generated_tokens - generated_before < LONG // 2  # aborted, not finished
 
 
@@ -32,8 +32,8 @@ def test_deadline_aborts_the_request(shared_server):
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:
         shared_server.stub().Complete(pb.GenerateRequest(text="too slow", params=greedy(LONG)),
-                                      timeout=0.5)
+                                      timeout=0.3)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert shared_server.wait_all_blocks_free()
+    assert shared_server.wait_idle()
     assert time.monotonic() - start < 5
-    assert engine.num_generated_tokens - generated_before < LONG // 2
+    assert engine.num_generated_tokens - generated_before < LONG  # aborted, not finished

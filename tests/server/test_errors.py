@@ -61,7 +61,7 @@ def test_finish_reason_error_is_internal_for_that_request_only(shared_server, mo
         stub.Complete(pb.GenerateRequest(text="unlucky", params=greedy(4)), timeout=30)
     assert error.value.code() == grpc.StatusCode.INTERNAL
     assert stub.Complete(OK_REQUEST, timeout=30).usage.output_tokens == 4
-    assert shared_server.wait_all_blocks_free()
+    assert shared_server.wait_idle()
 
 
 def test_engine_step_fault_is_internal_and_the_server_goes_on(shared_server, monkeypatch):
@@ -80,9 +80,9 @@ def test_engine_step_fault_is_internal_and_the_server_goes_on(shared_server, mon
     with pytest.raises(grpc.RpcError) as error:
         list(stub.Generate(pb.GenerateRequest(text="unlucky", params=greedy(4)), timeout=30))
     assert error.value.code() == grpc.StatusCode.INTERNAL
-    assert "injected engine bug" in error.value.details()
+    assert "injected" not in error.value.details()  # internals stay in the server log
     assert stub.Complete(OK_REQUEST, timeout=30).usage.output_tokens == 4
-    assert shared_server.wait_all_blocks_free()
+    assert shared_server.wait_idle()
 
 
 def test_resource_exhausted_past_the_admission_bound(make_server):
@@ -100,9 +100,5 @@ def test_resource_exhausted_past_the_admission_bound(make_server):
     assert int(retry_ms) > 0
     for call in running:
         call.cancel()
-    assert server.wait_all_blocks_free()
-    for _ in range(50):  # the slots are given back as the cancelled handlers end
-        if server.server.admission.in_flight == 0:
-            break
-        __import__("time").sleep(0.05)
+    assert server.wait_idle()
     assert stub.Complete(OK_REQUEST, timeout=30).usage.output_tokens == 4
