@@ -16,6 +16,7 @@ forget what came before a shift. numpy only, host side, a few tens of microsecon
 
 import abc
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -51,14 +52,12 @@ class Prediction:
 def prompt_features(prompt_token_ids: Sequence[int], metadata: RequestMetadata) -> np.ndarray:
     """[NUM_FEATURES] float64: bias, log prompt length, log max_tokens, share of distinct tokens,
     and the prompt's token histogram hashed into NUM_TOKEN_BINS bins (a cheap topic signature)."""
-    tokens = np.asarray(prompt_token_ids, np.int64)
-    n = max(tokens.size, 1)
+    n = len(prompt_token_ids)
     features = np.empty(NUM_FEATURES)
-    features[0] = 1.0
-    features[1] = np.log1p(tokens.size)
-    features[2] = np.log1p(metadata.max_tokens or DEFAULT_MAX_TOKENS)
-    features[3] = np.unique(tokens).size / n
-    features[4:] = np.bincount(tokens % NUM_TOKEN_BINS, minlength=NUM_TOKEN_BINS) / n
+    features[:4] = (1.0, math.log1p(n), math.log1p(metadata.max_tokens or DEFAULT_MAX_TOKENS),
+                    len(set(prompt_token_ids)) / max(n, 1))
+    tokens = np.asarray(prompt_token_ids, np.int64)
+    features[4:] = np.bincount(tokens % NUM_TOKEN_BINS, minlength=NUM_TOKEN_BINS) / max(n, 1)
     return features
 
 
@@ -175,8 +174,10 @@ class HeuristicPredictor(LengthPredictor):
 
 
 class OnlineRegressor(LengthPredictor):
-    """Ridge least squares of log(1 + length) on `prompt_features`, refit on the window every
-    `refit_every` finished requests; the prior (heuristic) answers until the first fit."""
+    """Ridge least squares of log(1 + length) on `prompt_features` over the window, refit every
+    `refit_every` finished requests; the prior (heuristic) answers until the first fit. The
+    normal equations' sums are updated as requests enter and leave the window, so a refit is
+    one small solve (and never a large matrix product, which would wake BLAS threads)."""
 
     name = "regressor"
 
@@ -185,6 +186,8 @@ class OnlineRegressor(LengthPredictor):
         self.window = _Window(window)
         self.refit_every, self.min_observations, self.ridge = refit_every, min_observations, ridge
         self.prior = prior or HeuristicPredictor()
+        self.gram = np.zeros((NUM_FEATURES, NUM_FEATURES))  # sum of x x^T over the window
+        self.moment = np.zeros(NUM_FEATURES)  # sum of x y
         self.weights: np.ndarray | None = None  # [NUM_FEATURES]
 
     def predict(self, prompt_token_ids, metadata):
@@ -196,11 +199,16 @@ class OnlineRegressor(LengthPredictor):
 
     def observe(self, prompt_token_ids, metadata, actual_length):
         self.prior.observe(prompt_token_ids, metadata, actual_length)
-        self.window.add(prompt_features(prompt_token_ids, metadata), actual_length)
-        if self.window.due(self.refit_every, self.min_observations):
-            x, y = self.window.arrays()
-            gram = x.T @ x + self.ridge * len(y) * np.eye(NUM_FEATURES)
-            self.weights = np.linalg.solve(gram, x.T @ y)
+        w = self.window
+        i = w.num_seen % len(w.y)
+        old_x, old_y = w.x[i].copy(), w.y[i]  # zeros until the window is full
+        x = prompt_features(prompt_token_ids, metadata)
+        w.add(x, actual_length)
+        self.gram += np.outer(x, x) - np.outer(old_x, old_x)
+        self.moment += x * w.y[i] - old_x * old_y
+        if w.due(self.refit_every, self.min_observations):
+            n = min(w.num_seen, len(w.y))
+            self.weights = np.linalg.solve(self.gram + self.ridge * n * np.eye(NUM_FEATURES), self.moment)
 
 
 class RangeClassifier(LengthPredictor):
@@ -211,7 +219,7 @@ class RangeClassifier(LengthPredictor):
     name = "classifier"
 
     def __init__(self, boundaries: tuple[int, ...] = (64, 256), window: int = 2048,
-                 refit_every: int = 64, min_observations: int = 64, steps: int = 60,
+                 refit_every: int = 128, min_observations: int = 64, steps: int = 30,
                  learning_rate: float = 0.5, l2: float = 1e-3):
         self.boundaries = np.asarray(boundaries)
         self.num_buckets = len(boundaries) + 1
@@ -263,8 +271,8 @@ class PairwiseRanker(LengthPredictor):
     name = "ranker"
     gives_lengths = False
 
-    def __init__(self, window: int = 2048, refit_every: int = 64, min_observations: int = 64,
-                 num_pairs: int = 4096, steps: int = 60, learning_rate: float = 0.5,
+    def __init__(self, window: int = 2048, refit_every: int = 128, min_observations: int = 64,
+                 num_pairs: int = 4096, steps: int = 30, learning_rate: float = 0.5,
                  l2: float = 1e-3, seed: int = 0):
         self.window = _Window(window)
         self.refit_every, self.min_observations = refit_every, min_observations

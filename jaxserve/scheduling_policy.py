@@ -120,10 +120,10 @@ class SJFPolicy(SchedulingPolicy):
 
 
 class SRPTPolicy(SchedulingPolicy):
-    """Shortest remaining predicted output first. A waiting sequence that cannot start preempts
-    a running one whose remaining length is more than `preempt_ratio` times its own (recompute:
-    the victim's full blocks stay in the prefix cache). A sequence that outlives its prediction
-    is assumed to need as many tokens again as it has produced."""
+    """Shortest remaining predicted output first. A newcomer that cannot start preempts a
+    running sequence whose remaining length is more than `preempt_ratio` times its own
+    (recompute: the victim's full blocks stay in the prefix cache). A sequence that outlives its
+    prediction is assumed to need as many tokens again as it has produced."""
 
     name = "srpt"
     preemptive = True
@@ -144,7 +144,9 @@ class SRPTPolicy(SchedulingPolicy):
         return sorted(waiting, key=lambda s: (self.remaining(s), s.arrival_time, s.seq_id))
 
     def outranks(self, waiting, running, now):
-        return self.remaining(running) > self.preempt_ratio * self.remaining(waiting)
+        # As in mlfq, only a newcomer preempts, so preemptions cannot cascade.
+        return (waiting.first_scheduled_time is None
+                and self.remaining(running) > self.preempt_ratio * self.remaining(waiting))
 
     def preemption_victim(self, candidates):
         return max(candidates, key=lambda s: (self.remaining(s), s.arrival_time, s.seq_id))
@@ -158,20 +160,24 @@ class MLFQPolicy(SchedulingPolicy):
     base_quantum * quantum_ratio**i served tokens (prompt tokens weighted by
     prompt_token_weight, output tokens 1). A new sequence joins the first level whose quantum
     covers its weighted prompt; it drops a level each time it uses up its level's quantum.
-    Lower levels run first (FCFS within a level); a waiting sequence preempts running ones on
-    worse levels. Every `promotion_period_s` seconds all waiting sequences return to level 0,
-    so none starves."""
+    Lower levels run first (FCFS within a level). With `preempt`, a newcomer that cannot start
+    preempts a running sequence on a worse level; that costs the victim a re-prefill (recompute
+    preemption), which is cheap on an accelerator but costly where any prefill token makes a
+    step much dearer (the CPU step table), so it is off by default and levels then order
+    admission only. Against starvation, a sequence that has waited `promotion_period_s` since it
+    last ran (or arrived) is promoted to level 0, and again after every further period."""
 
     name = "mlfq"
-    preemptive = True
 
     def __init__(self, num_levels: int = 6, base_quantum: float = 32.0, quantum_ratio: float = 4.0,
-                 prompt_token_weight: float = 0.125, promotion_period_s: float = 30.0):
+                 prompt_token_weight: float = 1.0, promotion_period_s: float = 60.0,
+                 preempt: bool = False):
+        self.preemptive = preempt
         self.quanta = [base_quantum * quantum_ratio**i for i in range(num_levels)]
         self.prompt_token_weight = prompt_token_weight
         self.promotion_period_s = promotion_period_s
-        self.last_promotion: float | None = None
         self.levels: dict[int, list[float]] = {}  # seq_id -> [level, tokens served on it]
+        self.waiting_since: dict[int, float] = {}  # seq_id -> when it last ran, arrived or rose
 
     def level(self, seq: Sequence) -> int:
         state = self.levels.get(seq.seq_id)
@@ -182,16 +188,17 @@ class MLFQPolicy(SchedulingPolicy):
         return state[0]
 
     def waiting_order(self, waiting, now):
-        if self.last_promotion is None:
-            self.last_promotion = now
-        elif now - self.last_promotion >= self.promotion_period_s:
-            self.last_promotion = now
-            for seq in waiting:
+        for seq in waiting:
+            since = self.waiting_since.setdefault(seq.seq_id, now)
+            if now - since >= self.promotion_period_s:
                 self.levels[seq.seq_id] = [0, 0.0]
+                self.waiting_since[seq.seq_id] = now
         return sorted(waiting, key=lambda s: (self.level(s), s.arrival_time, s.seq_id))
 
     def outranks(self, waiting, running, now):
-        return self.level(waiting) < self.level(running)
+        # Only a newcomer preempts: one arrival costs at most one recompute, and preempted or
+        # promoted sequences, which wait for a free slot, cannot set off a cascade.
+        return waiting.first_scheduled_time is None and self.level(waiting) < self.level(running)
 
     def preemption_victim(self, candidates):
         return max(candidates, key=lambda s: (self.level(s), s.arrival_time, s.seq_id))
@@ -200,6 +207,7 @@ class MLFQPolicy(SchedulingPolicy):
         last = len(self.quanta) - 1
         for item in scheduled:
             self.level(item.seq)
+            self.waiting_since.pop(item.seq.seq_id, None)
             state = self.levels[item.seq.seq_id]
             state[1] += _served(item, self.prompt_token_weight, 1.0)
             while state[0] < last and state[1] >= self.quanta[state[0]]:
@@ -208,6 +216,7 @@ class MLFQPolicy(SchedulingPolicy):
 
     def on_finish(self, seq):
         self.levels.pop(seq.seq_id, None)
+        self.waiting_since.pop(seq.seq_id, None)
 
 
 class FairSharePolicy(SchedulingPolicy):

@@ -69,22 +69,9 @@ class SimResult:
         """(step index, request id) of every finished request, in order."""
         return [(r.finish_step, r.request_id) for r in self.records]
 
-    def summary(self, slo_ttft_s: float, slo_tpot_s: float) -> dict[str, float]:
-        """Mean and p99 of JCT, TTFT and normalized latency (JCT per output token), and
-        goodput: finished requests per second that met both the TTFT and the TPOT SLO."""
-        done = [r for r in self.records if not r.rejected]
-        jct = np.array([r.jct for r in done])
-        ttft = np.array([r.ttft for r in done])
-        norm = jct / np.array([r.output_len for r in done])
-        good = sum(r.ttft <= slo_ttft_s and r.tpot <= slo_tpot_s for r in done)
-        return {
-            "requests": len(done), "rejected": len(self.records) - len(done),
-            "jct_mean": jct.mean(), "jct_p99": np.percentile(jct, 99),
-            "ttft_mean": ttft.mean(), "ttft_p99": np.percentile(ttft, 99),
-            "norm_latency_mean": norm.mean(), "norm_latency_p99": np.percentile(norm, 99),
-            "goodput": good / self.makespan, "throughput_tokens": sum(r.output_len for r in done) / self.makespan,
-            "preemptions": self.num_preemptions, "steps": self.num_steps,
-        }
+    @property
+    def mean_jct(self) -> float:
+        return float(np.mean([r.jct for r in self.records if not r.rejected]))
 
 
 class Simulator:

@@ -31,6 +31,7 @@ class StepCostModel:
             raise ValueError("step cost table has missing or non-positive entries")
         self.table = table
         self.metadata = metadata or {}
+        self._memo: dict[tuple[int, int], float] = {}  # a simulation asks for few distinct shapes
 
     @classmethod
     def load(cls, name_or_path: str) -> "StepCostModel":
@@ -52,6 +53,12 @@ class StepCostModel:
         return cls([1, 2], [1, 2], [[seconds, None], [seconds, seconds]])
 
     def __call__(self, num_tokens: int, num_seqs: int) -> float:
+        seconds = self._memo.get((num_tokens, num_seqs))
+        if seconds is None:
+            seconds = self._memo[(num_tokens, num_seqs)] = self._interpolate(num_tokens, num_seqs)
+        return seconds
+
+    def _interpolate(self, num_tokens: int, num_seqs: int) -> float:
         i, ti = _bracket(self.tokens, num_tokens)
         j, tj = _bracket(self.seqs, num_seqs)
         t = self.table
