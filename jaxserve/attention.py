@@ -11,12 +11,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from pallas_kernels.backend import resolve_implementation
+from pallas_kernels.paged_decode_attention import paged_decode_attention
+from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
+                                                   ragged_paged_attention_reference)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["slot_mapping", "block_tables", "kv_lens", "cu_q_lens", "num_seqs"],
-                   meta_fields=[])
+                   meta_fields=["decode_only"])
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
     """Where each token of the flat ragged batch reads and writes the paged cache.
@@ -27,6 +30,9 @@ class AttentionMetadata:
     kv_lens: [num_seqs_padded] int32, cached tokens of each sequence after this step.
     cu_q_lens: [num_seqs_padded + 1] int32, start of each sequence's tokens in the batch.
     num_seqs: [] int32, real sequences; the rest are padding.
+    decode_only: static; every sequence has exactly one token in the step and the batch has one
+      row per sequence slot (num_tokens == num_seqs_padded), so the Pallas backend can take the
+      paged decode kernel, which streams each sequence's pages once for all its query heads.
     """
 
     slot_mapping: jax.Array
@@ -34,6 +40,7 @@ class AttentionMetadata:
     kv_lens: jax.Array
     cu_q_lens: jax.Array
     num_seqs: jax.Array
+    decode_only: bool = False
 
 
 def write_kv(kv_cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> jax.Array:
@@ -52,16 +59,19 @@ def copy_blocks(kv_cache: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Arra
 
 def resolve_backend(name: str) -> str:
     """"auto" is the Pallas kernel on GPU and TPU and the reference on CPU."""
-    if name != "auto":
-        return name
-    return "reference" if jax.default_backend() == "cpu" else "pallas"
+    return resolve_implementation(name)
 
 
 def paged_attention(q: jax.Array, kv_cache: jax.Array, md: AttentionMetadata, *, sm_scale: float,
                     sliding_window: int | None, backend: str) -> jax.Array:
     """Ragged paged attention of q [num_tokens, num_q_heads, head_dim] over the layer's cache."""
+    if backend == "pallas" and md.decode_only:
+        if q.shape[0] != md.kv_lens.shape[0]:
+            raise ValueError(f"decode_only: {q.shape[0]} tokens for {md.kv_lens.shape[0]} "
+                             "sequence slots; they must be equal")
+        return paged_decode_attention(q, kv_cache[0], kv_cache[1], md.kv_lens, md.block_tables,
+                                      sm_scale=sm_scale, sliding_window=sliding_window)
     if backend == "pallas":
-        from pallas_kernels.ragged_paged_attention import ragged_paged_attention
         fn = ragged_paged_attention
     elif backend == "reference":
         fn = ragged_paged_attention_reference

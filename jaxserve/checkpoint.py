@@ -5,6 +5,8 @@ A model folder holds config.json, the weights (*.safetensors, or an `orbax/` che
 by `tools/convert_checkpoint.py`) and, usually, tokenizer.json.
 """
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -14,12 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from jaxserve.config import ModelConfig
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.models.llama import hf_weight_names
+from sharding.partition_rules import param_rules, spec_for
+from sharding.placement import put_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +32,18 @@ ORBAX_SUBDIR = "orbax"
 # Tensors a checkpoint may carry that the model recomputes instead of loading.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-# Places each loaded array; the default puts it on the default device. Sharded loading passes
-# one that slices per device.
-PlaceFn = Callable[[tuple, np.ndarray, jnp.dtype], jax.Array]
+# Where each parameter goes: None puts it whole on the default device; a function of the
+# parameter's path returning a Sharding builds it shard by shard (sharding.partition_rules).
+ShardingFn = Callable[[tuple], jax.sharding.Sharding] | None
 
 
-def _default_place(path: tuple, array: np.ndarray, dtype) -> jax.Array:
-    return jnp.asarray(array, dtype=dtype)
+@dataclasses.dataclass(frozen=True)
+class TensorSource:
+    """One of our parameters as the checkpoint stores it: its shape in our layout and a reader of
+    any slice of it (index in our layout -> np.ndarray), so a device's shard is read alone."""
+
+    shape: tuple[int, ...]
+    read: Callable[[tuple[slice, ...]], np.ndarray]
 
 
 def abstract_model(config: ModelConfig, dtype) -> nnx.Module:
@@ -86,81 +96,127 @@ def _expert_weight(name: str, config: ModelConfig):
     return None
 
 
-def load_safetensors(model: nnx.Module, model_dir: str, dtype, place: PlaceFn = _default_place,
+def _view(handle, path: str, name: str, want: tuple, perm: tuple[int, ...],
+          half: tuple[int, int] | None = None) -> TensorSource:
+    """Our parameter (shape `want`) as checkpoint tensor `name` transposed by `perm`
+    (ours = file.transpose(perm)); `half` = (file axis, 0 or 1) takes one half of that axis."""
+    file_shape = tuple(handle.get_slice(name).get_shape())
+    expected = [None] * len(perm)
+    for i, a in enumerate(perm):
+        expected[a] = want[i]
+    if half is not None:
+        expected[half[0]] *= 2
+    if file_shape != tuple(expected):
+        # Report shapes as the checkpoint file lays them out, not as our transposed layout.
+        raise ValueError(f"model: tensor {name!r} has shape {file_shape}, expected "
+                         f"{tuple(expected)} from config.json")
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        index = tuple(slice(*s.indices(n)) for s, n in zip(index, want))
+        file_index = [None] * len(perm)
+        for i, a in enumerate(perm):
+            file_index[a] = index[i]
+        if half is not None:
+            axis, which = half
+            offset = which * file_shape[axis] // 2
+            part = file_index[axis]
+            file_index[axis] = slice(part.start + offset, part.stop + offset)
+        try:
+            part = handle.get_slice(name)[tuple(file_index)]
+        except Exception as e:  # the safetensors library raises its own error types
+            raise ValueError(f"model: tensor {name!r} in {path!r} could not be read "
+                             f"(truncated file?): {e}") from e
+        return np.ascontiguousarray(np.asarray(part).transpose(perm))
+
+    return TensorSource(tuple(want), read)
+
+
+def _stacked(parts: list[TensorSource]) -> TensorSource:
+    """Per-expert sources [in, out] as one [E, in, out] source."""
+    shape = (len(parts),) + parts[0].shape
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        experts = range(*index[0].indices(len(parts)))
+        return np.stack([parts[e].read(index[1:]) for e in experts])
+
+    return TensorSource(shape, read)
+
+
+def _materialize(source: TensorSource, dtype, sharding) -> jax.Array:
+    if sharding is None:
+        full = tuple(slice(None) for _ in source.shape)
+        return jnp.asarray(source.read(full), dtype=dtype)
+    return put_sharded(source.shape, dtype, sharding, source.read)
+
+
+def load_safetensors(model: nnx.Module, model_dir: str, dtype, sharding_for: ShardingFn = None,
                      progress: bool = True) -> None:
-    """Fills the abstract model's parameters from the folder's safetensors files."""
+    """Fills the abstract model's parameters from the folder's safetensors files.
+
+    Every parameter is read slice by slice (safetensors' get_slice): with `sharding_for`, each
+    device's shard is read, converted and placed on its own, so host memory peaks near one shard
+    rather than one tensor or the whole model. The Hugging Face -> ours transposes apply to the
+    slices (a shard of our [in, out] kernel is the transposed [out, in] slice of the file).
+    """
     config: ModelConfig = model.config
     names = hf_weight_names(config)
-    loaded: set[tuple] = set()
-    experts: dict[tuple, list] = {}
-    files = safetensors_files(model_dir)
-    for path in tqdm(files, desc="loading weights", disable=not progress, unit="file"):
-        try:
-            handle = safe_open(path, framework="numpy")
-        except Exception as e:  # the safetensors library raises its own error types
-            raise ValueError(f"model: {path!r} is not a readable safetensors file: {e}") from e
-        with handle as f:
-            for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                try:
-                    array = f.get_tensor(name)
-                except Exception as e:
-                    raise ValueError(f"model: tensor {name!r} in {path!r} could not be read "
-                                     f"(truncated file?): {e}") from e
-                if name in names:
-                    param_path, transpose = names[name]
-                    _assign(model, param_path, array.T if transpose else array, dtype, place, name,
-                            transposed=transpose)
-                    loaded.add(param_path)
-                    continue
-                expert = _expert_weight(name, config) if config.num_experts else None
-                if expert is None:
-                    logger.warning("model: ignoring unexpected tensor %s", name)
-                    continue
-                param_path, index, transpose = expert
-                if index is None:
-                    _assign(model, param_path, array.T, dtype, place, name, transposed=True)
-                    loaded.add(param_path)
-                else:
-                    experts.setdefault(param_path, [None] * config.num_experts)
-                    if index == "fused":
-                        experts[param_path] = [array]
-                    else:
-                        experts[param_path][index] = array.T if transpose else array
-    for param_path, parts in experts.items():
-        if param_path[-1] == "gate_up_proj":  # [E, 2F, D] -> w_gate, w_up [E, D, F]
-            gate, up = np.split(parts[0], 2, axis=1)
-            for which, arr in (("w_gate", gate), ("w_up", up)):
-                _assign(model, param_path[:-1] + (which,), arr.transpose(0, 2, 1), dtype, place, which)
-                loaded.add(param_path[:-1] + (which,))
-            continue
-        if param_path[-1] == "down_proj":  # fused [E, D, F] -> w_down [E, F, D]
-            _assign(model, param_path[:-1] + ("w_down",), parts[0].transpose(0, 2, 1), dtype, place, "down_proj")
-            loaded.add(param_path[:-1] + ("w_down",))
-            continue
-        missing = [i for i, p in enumerate(parts) if p is None]
+    with contextlib.ExitStack() as stack:
+        where: dict[str, tuple] = {}  # tensor name -> (open file, its path)
+        for path in safetensors_files(model_dir):
+            try:
+                handle = stack.enter_context(safe_open(path, framework="numpy"))
+            except Exception as e:  # the safetensors library raises its own error types
+                raise ValueError(f"model: {path!r} is not a readable safetensors file: {e}") from e
+            for name in handle.keys():
+                where[name] = (handle, path)
+        sources: dict[tuple, TensorSource] = {}
+        experts: dict[tuple, list] = {}
+        want = lambda param_path: tuple(_variable_at(model, param_path).shape)
+        for name, (handle, path) in where.items():
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name in names:
+                param_path, transpose = names[name]
+                shape = want(param_path)
+                sources[param_path] = _view(handle, path, name, shape,
+                                            (1, 0) if transpose else tuple(range(len(shape))))
+                continue
+            expert = _expert_weight(name, config) if config.num_experts else None
+            if expert is None:
+                logger.warning("model: ignoring unexpected tensor %s", name)
+                continue
+            param_path, index, transpose = expert
+            if index is None:  # the router, [E, D] in the file
+                sources[param_path] = _view(handle, path, name, want(param_path), (1, 0))
+            elif index == "fused" and param_path[-1] == "gate_up_proj":
+                # [E, 2F, D] -> w_gate = first F rows, w_up = the rest, each as [E, D, F].
+                for which_half, which in enumerate(("w_gate", "w_up")):
+                    ours = param_path[:-1] + (which,)
+                    sources[ours] = _view(handle, path, name, want(ours), (0, 2, 1),
+                                          half=(1, which_half))
+            elif index == "fused":  # down_proj [E, D, F] -> w_down [E, F, D]
+                ours = param_path[:-1] + ("w_down",)
+                sources[ours] = _view(handle, path, name, want(ours), (0, 2, 1))
+            else:  # experts.{e}.w1.weight: one expert's [out, in]
+                experts.setdefault(param_path, [None] * config.num_experts)
+                per_expert = want(param_path)[1:]
+                experts[param_path][index] = _view(handle, path, name, per_expert,
+                                                   (1, 0) if transpose else (0, 1))
+        for param_path, parts in experts.items():
+            missing = [i for i, p in enumerate(parts) if p is None]
+            if missing:
+                raise ValueError(f"model: experts {missing} of {'.'.join(map(str, param_path))} "
+                                 "are missing")
+            sources[param_path] = _stacked(parts)
+        expected = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        missing = sorted(".".join(map(str, p)) for p in expected - set(sources))
         if missing:
-            raise ValueError(f"model: experts {missing} of {'.'.join(map(str, param_path))} are missing")
-        _assign(model, param_path, np.stack(parts), dtype, place, ".".join(map(str, param_path)))
-        loaded.add(param_path)
-    expected = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    missing = sorted(".".join(map(str, p)) for p in expected - loaded)
-    if missing:
-        raise ValueError(f"model: the checkpoint in {model_dir!r} lacks {len(missing)} weights, "
-                         f"e.g. {missing[:5]}")
-
-
-def _assign(model, param_path, array, dtype, place, name, transposed=False):
-    var = _variable_at(model, param_path)
-    if tuple(var.shape) != tuple(array.shape):
-        # Report shapes as the checkpoint file lays them out, not as our transposed layout.
-        got, want = tuple(array.shape), tuple(var.shape)
-        if transposed:
-            got, want = got[::-1], want[::-1]
-        raise ValueError(f"model: tensor {name!r} has shape {got}, expected {want} from "
-                         "config.json")
-    var.set_value(place(param_path, np.ascontiguousarray(array), dtype))
+            raise ValueError(f"model: the checkpoint in {model_dir!r} lacks {len(missing)} weights, "
+                             f"e.g. {missing[:5]}")
+        for param_path, source in tqdm(sorted(sources.items(), key=lambda kv: str(kv[0])),
+                                       desc="loading weights", disable=not progress, unit="tensor"):
+            sharding = sharding_for(param_path) if sharding_for else None
+            _variable_at(model, param_path).set_value(_materialize(source, dtype, sharding))
 
 
 def save_orbax(model: nnx.Module, path: str) -> None:
@@ -170,29 +226,51 @@ def save_orbax(model: nnx.Module, path: str) -> None:
     checkpointer.wait_until_finished()
 
 
-def load_orbax(model: nnx.Module, path: str) -> None:
+def load_orbax(model: nnx.Module, path: str, sharding_for: ShardingFn = None) -> None:
+    """Restores converted weights; with `sharding_for`, each device restores only its shards."""
     import orbax.checkpoint as ocp
     state = nnx.state(model, nnx.Param)
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+
+    def target(keypath, v):
+        path = tuple(k.key for k in keypath)
+        return jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                    sharding=sharding_for(path) if sharding_for else None)
+
+    target = jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(state))
     restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
 
 
-def load_model(model_dir: str, dtype="bfloat16", place: PlaceFn = _default_place,
+def param_sharding_fn(config: ModelConfig, mesh: Mesh) -> Callable[[tuple], NamedSharding]:
+    """Parameter path -> its NamedSharding on `mesh` under the partition rules."""
+    rules = param_rules(num_kv_heads=config.num_kv_heads, vocab_size=config.vocab_size,
+                        tensor_parallel=mesh.shape["tensor"])
+    return lambda path: NamedSharding(mesh, spec_for("/".join(map(str, path)), rules))
+
+
+def load_model(model_dir: str, dtype="bfloat16", mesh: Mesh | None = None,
                progress: bool = True, random_weights: bool = False) -> nnx.Module:
     """Reads config.json and the weights of a model folder into a ready model.
 
-    random_weights: skip the weights and initialize randomly (seeded) on the device instead.
+    mesh: place every parameter sharded on it by the partition rules, each device reading only
+      its own slices; None puts the whole model on the default device.
+    random_weights: skip the weights and initialize randomly (seeded) on the device instead
+      (then placed on the mesh, if any, as a whole).
     """
     config = ModelConfig.from_dir(model_dir)
     dtype = jnp.dtype(dtype)
+    sharding_for = param_sharding_fn(config, mesh) if mesh is not None else None
     if random_weights:
-        return MODEL_CLASSES[config.model_type](config, dtype=dtype, rngs=nnx.Rngs(0))
+        model = MODEL_CLASSES[config.model_type](config, dtype=dtype, rngs=nnx.Rngs(0))
+        if sharding_for:
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+                var.set_value(jax.device_put(var.get_value(), sharding_for(path)))
+        return model
     model = abstract_model(config, dtype)
     orbax_dir = os.path.join(model_dir, ORBAX_SUBDIR)
     if os.path.isdir(orbax_dir):
-        load_orbax(model, orbax_dir)
+        load_orbax(model, orbax_dir, sharding_for)
     else:
-        load_safetensors(model, model_dir, dtype, place, progress)
+        load_safetensors(model, model_dir, dtype, sharding_for, progress)
     return model

@@ -9,7 +9,22 @@ import json
 import math
 import os
 
+import jax
+
+from sharding.mesh import MeshShape, validate as validate_mesh
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"model: {path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,12 +117,10 @@ class ModelConfig:
         path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model: no config.json in {model_dir!r}")
-        with open(path) as f:
-            hf = json.load(f)
+        hf = _read_json(path)
         gen_path = os.path.join(model_dir, "generation_config.json")
         if os.path.isfile(gen_path):  # generation_config's eos list is the one generation uses
-            with open(gen_path) as f:
-                gen = json.load(f)
+            gen = _read_json(gen_path)
             if gen.get("eos_token_id") is not None:
                 hf = dict(hf, eos_token_id=gen["eos_token_id"])
         return cls.from_hf_dict(hf)
@@ -136,6 +149,10 @@ class EngineConfig:
       max_stop_token_ids: most stop token ids (plus EOS) a request may give; fixed on device.
       scheduling_policy: name of the waiting-queue policy ("fcfs").
       seed: seeds the per-request sampling seeds of requests that give none.
+      tensor_parallel, sequence_parallel, expert_parallel, data_parallel: devices along each
+        axis of the mesh (docs/SHARDING.md); their product is the number of devices used.
+      sequence_parallel_threshold: a prompt of at least this many tokens, scheduled whole in one
+        step, is prefilled with ring attention over the sequence axis (sequence_parallel > 1).
     """
 
     max_model_len: int | None = None
@@ -152,6 +169,11 @@ class EngineConfig:
     max_stop_token_ids: int = 16
     scheduling_policy: str = "fcfs"
     seed: int = 0
+    tensor_parallel: int = 1
+    sequence_parallel: int = 1
+    expert_parallel: int = 1
+    data_parallel: int = 1
+    sequence_parallel_threshold: int = 1024
 
     def __post_init__(self):
         def positive(name):
@@ -159,7 +181,8 @@ class EngineConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_logprobs",
-                     "max_stop_token_ids"):
+                     "max_stop_token_ids", "tensor_parallel", "sequence_parallel",
+                     "expert_parallel", "data_parallel", "sequence_parallel_threshold"):
             positive(name)
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError(f"EngineConfig.max_num_seqs ({self.max_num_seqs}) must be <= "
@@ -195,6 +218,11 @@ class EngineConfig:
                 f"EngineConfig.num_kv_blocks ({self.num_kv_blocks}) x block_size "
                 f"({self.block_size}) = {self.num_kv_blocks * self.block_size} tokens is less than "
                 f"max_model_len ({max_model_len}): one full-length sequence would not fit")
+        validate_mesh(MeshShape.of(self), num_devices=jax.device_count(),
+                      num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
+                      vocab_size=model.vocab_size, hidden_size=model.hidden_size,
+                      intermediate_size=model.intermediate_size,
+                      num_experts=model.num_experts)
         return dataclasses.replace(self, max_model_len=max_model_len)
 
     @property

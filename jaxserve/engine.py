@@ -23,6 +23,7 @@ from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
 from jaxserve.scheduling_policy import make_policy
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from sharding.mesh import MeshShape, make_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,12 @@ class Engine:
         self.config = config.resolve(model_config)
         self.model_config = model_config
         self.tokenizer = None if skip_tokenizer else Tokenizer.from_dir(self.model_path)
-        model = load_model(self.model_path, self.config.dtype, progress=progress,
+        # The mesh comes first so that every device reads only its own slices of the weights.
+        mesh = make_mesh(MeshShape.of(self.config))
+        model = load_model(self.model_path, self.config.dtype, mesh=mesh, progress=progress,
                            random_weights=random_weights)
-        self.runner = ModelRunner(model, self.config, self.config.num_kv_blocks, precompile, progress)
+        self.runner = ModelRunner(model, self.config, self.config.num_kv_blocks, precompile,
+                                  progress, mesh=mesh)
         self.kv_cache = KVCacheManager(self.runner.num_kv_blocks, self.config.block_size,
                                        self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache, make_policy(self.config.scheduling_policy))

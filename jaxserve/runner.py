@@ -8,6 +8,13 @@ at the sampled rows), bucketed by (T, S), and `sample_fn` (params, hidden, sampl
 bucketed by (S, penalties on/off). Splitting them keeps the compile count at |T x S| + 2|S|
 instead of 2|T x S|. The caches are donated and updated in place; only sampled ids and logprobs
 come back to the host.
+
+Both run on a device mesh (sharding/; a mesh of one device by default) and are compiled with
+explicit shardings: weights by the partition rules, KV caches over KV heads, inputs and outputs
+replicated. With sequence_parallel > 1 a long prompt scheduled whole in one step is prefilled by
+its own compiled function (`("ring", T, S)`) that uses ring attention over the sequence axis.
+With several processes (multi-host) process 0 runs the scheduler and broadcasts each step's
+inputs; the others run `follow()` and execute the same compiled functions in lockstep.
 """
 
 import dataclasses
@@ -19,15 +26,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxserve.attention import AttentionMetadata, copy_blocks, resolve_backend
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.request import Sequence
 from jaxserve.sampler import PenaltyMetadata, SamplerOutput, SamplingMetadata, sample
-from jaxserve.scheduler import SchedulerOutput
+from jaxserve.scheduler import ScheduledSeq, SchedulerOutput
+from sharding import distributed
+from sharding.mesh import (TOKEN_AXES, MeshShape, axis_size, constrain, make_mesh, replicated,
+                           round_up)
+from sharding.moe_dispatch import expert_load
+from sharding.partition_rules import (kv_cache_spec, kv_heads_sharded, param_rules,
+                                      param_shardings, vocab_sharded)
 
 logger = logging.getLogger(__name__)
+
+_KINDS = ("forward", "ring", "decode")  # the compiled forward functions, by their code in a step header
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -67,54 +83,128 @@ def _bucket(sizes: list[int], n: int) -> int:
     raise ValueError(f"batch of {n} exceeds the largest bucket {sizes[-1]}")
 
 
-def forward_fn(graphdef, params, kv_caches, inputs: StepInputs, *, backend: str):
-    """Copy-on-write copies, then the model: -> (caches, hidden [S, D] at the sampled rows)."""
+def forward_fn(graphdef, params, kv_caches, inputs: StepInputs, *, backend: str,
+               mesh: Mesh | None = None, ring_prefill: bool = False):
+    """Copy-on-write copies, then the model: -> (caches, hidden [S, D] at the sampled rows,
+    tokens routed to each expert [num_layers, num_experts] int32, or None for a dense model)."""
     model = nnx.merge(graphdef, params)
     kv_caches = [copy_blocks(c, inputs.copy_src, inputs.copy_dst) for c in kv_caches]
-    hidden, kv_caches = model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn, backend)
-    return kv_caches, hidden[inputs.logits_indices]
+    routing = []  # each MoE layer's expert ids [T, k]
+    hidden, kv_caches = model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn, backend,
+                              mesh=mesh, ring_prefill=ring_prefill, routing=routing)
+    load = None
+    if routing:
+        attn = inputs.attn
+        valid = jnp.arange(inputs.input_ids.shape[0]) < attn.cu_q_lens[attn.num_seqs]
+        load = jnp.stack([expert_load(ids, model.config.num_experts, valid) for ids in routing])
+    return kv_caches, hidden[inputs.logits_indices], load
 
 
-def sample_fn(graphdef, params, hidden, sampling: SamplingMetadata, *, max_logprobs: int):
+def sample_fn(graphdef, params, hidden, sampling: SamplingMetadata, *, max_logprobs: int,
+              mesh: Mesh | None = None):
     """Logits only at the sampled rows, then sampling: -> SamplerOutput."""
     model = nnx.merge(graphdef, params)
-    return sample(model.compute_logits(hidden), sampling, max_logprobs)
+    logits = model.compute_logits(hidden)
+    if mesh is not None and vocab_sharded(model.config.vocab_size, mesh.shape["tensor"]):
+        # Logits come out split over the vocabulary (as the lm_head is) and are gathered once,
+        # here: sorting, top-k and argmax need them whole. Pinning both layouts keeps GSPMD from
+        # gathering the [D, V] lm_head instead, which it otherwise prefers.
+        logits = constrain(logits, mesh, PartitionSpec(None, "tensor"))
+    logits = constrain(logits, mesh, PartitionSpec())
+    return sample(logits, sampling, max_logprobs)
 
 
 def kv_block_bytes(model: ModelConfig, block_size: int, dtype) -> int:
     return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * jnp.dtype(dtype).itemsize
 
 
+def _host(tree):
+    """Device -> numpy for outputs replicated over the mesh: each process reads its own copy."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
 class ModelRunner:
     def __init__(self, model: nnx.Module, config: EngineConfig, num_kv_blocks: int | None = None,
-                 precompile: bool = True, progress: bool = True):
+                 precompile: bool = True, progress: bool = True, mesh: Mesh | None = None):
+        """mesh: the device mesh, built from config's *_parallel fields when None. The model's
+        weights may already lie on it (checkpoint.load_model(mesh=...)); otherwise they are
+        moved there here."""
         self.model_config: ModelConfig = model.config
         self.config = config
-        self.graphdef, self.params = nnx.split(model)
+        m = self.model_config
+        self.mesh = mesh if mesh is not None else make_mesh(MeshShape.of(config))
+        self.graphdef, params = nnx.split(model)
+        rules = param_rules(num_kv_heads=m.num_kv_heads, vocab_size=m.vocab_size,
+                            tensor_parallel=self.mesh.shape["tensor"])
+        self.param_shardings = param_shardings(params, rules, self.mesh)
+        self.params = jax.device_put(params, self.param_shardings)  # a no-op when already there
+        self.kv_sharding = NamedSharding(self.mesh, kv_cache_spec(
+            num_kv_heads=m.num_kv_heads, tensor_parallel=self.mesh.shape["tensor"]))
         self.dtype = jnp.dtype(config.dtype)
         self.backend = resolve_backend(config.attention_backend)
         self.num_kv_blocks = num_kv_blocks or self._num_kv_blocks()
-        m = self.model_config
         shape = (2, self.num_kv_blocks, config.block_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches = [jnp.zeros(shape, self.dtype) for _ in range(m.num_layers)]
-        self.token_buckets = bucket_sizes(16, config.max_num_batched_tokens)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.kv_sharding)
+        self.kv_caches = [zeros() for _ in range(m.num_layers)]
+        # Every token bucket splits evenly over the token shards (data x sequence).
+        token_shards = axis_size(self.mesh, TOKEN_AXES)
+        self.token_buckets = sorted({round_up(t, token_shards)
+                                     for t in bucket_sizes(16, config.max_num_batched_tokens)})
         self.seq_buckets = bucket_sizes(8, config.max_num_seqs)
+        self.ring_buckets = self._ring_buckets()
+        # Decode-only steps take the paged decode kernel: T = S, one compilation per seq bucket.
+        # Only without token sharding, where every device holds all the step's rows.
+        self.decode_buckets = (self.seq_buckets if self.backend == "pallas" and token_shards == 1
+                               else [])
         self.num_banned = config.max_stop_token_ids + len(m.eos_token_ids)
-        self._forward = jax.jit(functools.partial(forward_fn, self.graphdef, backend=self.backend),
-                                donate_argnums=(1,))
-        self._sample = jax.jit(functools.partial(sample_fn, self.graphdef,
-                                                 max_logprobs=config.max_logprobs))
-        self.compiled: dict[tuple, object] = {}  # ("forward", T, S) / ("sample", S, penalties)
+        cache_shardings = [self.kv_sharding] * m.num_layers
+        repl = replicated(self.mesh)
+        forward = functools.partial(forward_fn, self.graphdef, backend=self.backend, mesh=self.mesh)
+        jit_forward = functools.partial(
+            jax.jit, in_shardings=(self.param_shardings, cache_shardings, repl),
+            out_shardings=(cache_shardings, repl, repl), donate_argnums=(1,))
+        self._forward = jit_forward(forward)
+        self._ring_forward = jit_forward(functools.partial(forward, ring_prefill=True))
+        self._sample = jax.jit(functools.partial(sample_fn, self.graphdef, mesh=self.mesh,
+                                                 max_logprobs=config.max_logprobs),
+                               in_shardings=(self.param_shardings, repl, repl), out_shardings=repl)
+        # ("forward" | "ring" | "decode", T, S) / ("sample", S, penalties)
+        self.compiled: dict[tuple, object] = {}
+        # Tokens routed to each expert [num_layers, num_experts]: the last step's and the total.
+        self.last_expert_load: np.ndarray | None = None
+        self.total_expert_load: np.ndarray | None = None
         if precompile:
             self.compile_all(progress)
+
+    def _ring_buckets(self) -> list[int]:
+        """Prompt lengths (padded) that the ring-attention prefill is compiled for; none when
+        sequence_parallel is 1 or the threshold exceeds the step's token budget."""
+        c, sp = self.config, self.mesh.shape["sequence"]
+        if sp == 1 or c.sequence_parallel_threshold > c.max_num_batched_tokens:
+            return []
+        multiple = math.lcm(2 * sp, axis_size(self.mesh, TOKEN_AXES))
+        sizes = bucket_sizes(c.sequence_parallel_threshold, c.max_num_batched_tokens)
+        return sorted({round_up(t, multiple) for t in sizes})
+
+    def _ring_eligible(self, item: ScheduledSeq) -> bool:
+        """A whole sequence from position 0 (no cached prefix), long enough, in one step."""
+        n, window = item.num_tokens, self.model_config.sliding_window
+        return (bool(self.ring_buckets) and item.start == 0 and n == item.seq.num_tokens
+                and self.config.sequence_parallel_threshold <= n <= self.ring_buckets[-1]
+                and (window is None or n <= window))
 
     def _num_kv_blocks(self) -> int:
         c = self.config
         per_block = kv_block_bytes(self.model_config, c.block_size, self.dtype)
-        stats = jax.devices()[0].memory_stats() or {}
+        tp = self.mesh.shape["tensor"]
+        # Each device holds its own KV heads only (all of them when they are replicated).
+        per_device = per_block
+        if kv_heads_sharded(self.model_config.num_kv_heads, tp):
+            per_device //= tp
+        stats = jax.local_devices()[0].memory_stats() or {}
         if "bytes_limit" in stats:
             free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-            blocks = int(free * c.kv_cache_memory_fraction) // per_block
+            blocks = int(free * c.kv_cache_memory_fraction) // per_device
         else:  # CPU: enough for every sequence at full length, within 2 GiB
             blocks = min(c.max_num_seqs * c.max_blocks_per_seq, (2 << 30) // per_block)
         if blocks * c.block_size < c.max_model_len:
@@ -130,6 +220,8 @@ class ModelRunner:
     def compile_all(self, progress: bool = True) -> None:
         """Compiles every bucket (sampling with and without penalties) before serving starts."""
         keys = [("forward", t, s) for t, s in self.buckets]
+        keys += [("ring", t, self.seq_buckets[0]) for t in self.ring_buckets]
+        keys += [("decode", s, s) for s in self.decode_buckets]
         keys += [("sample", s, p) for s in self.seq_buckets for p in (False, True)]
         for key in tqdm(keys, desc="compiling step buckets", disable=not progress):
             self._compiled(key)
@@ -143,17 +235,19 @@ class ModelRunner:
         return self.compiled[key]
 
     def _lower(self, key: tuple):
-        if key[0] == "forward":
-            _, T, S = key
-            return self._forward.lower(self.params, self.kv_caches, self._dummy_inputs(T, S))
+        if key[0] in _KINDS:
+            kind, T, S = key
+            fn = self._ring_forward if kind == "ring" else self._forward
+            return fn.lower(self.params, self.kv_caches,
+                            self._dummy_inputs(T, S, decode_only=kind == "decode"))
         _, S, penalties = key
         hidden = jax.ShapeDtypeStruct((S, self.model_config.hidden_size), self.dtype)
         return self._sample.lower(self.params, hidden, self._dummy_sampling(S, penalties))
 
-    def _dummy_inputs(self, T, S) -> StepInputs:
+    def _dummy_inputs(self, T, S, decode_only: bool = False) -> StepInputs:
         zi = lambda *shape: np.zeros(shape, np.int32)
         attn = AttentionMetadata(zi(T), zi(S, self.config.max_blocks_per_seq), zi(S), zi(S + 1),
-                                 np.int32(0))
+                                 np.int32(0), decode_only)
         return StepInputs(zi(T), zi(T), attn, zi(S), zi(S), zi(S))
 
     def _dummy_sampling(self, S, penalties) -> SamplingMetadata:
@@ -169,14 +263,72 @@ class ModelRunner:
         return sampling
 
     def execute(self, out: SchedulerOutput) -> list[SampledRow]:
-        """Runs one step; returns one row per sampled sequence (forks included)."""
-        c = self.config
-        rows = [seq for item in out.scheduled if item.sample for seq in (item.seq, *item.forks)]
-        num_tokens = out.num_batched_tokens
-        S = _bucket(self.seq_buckets, max(len(out.scheduled), len(rows), len(out.block_copies), 1))
-        T = _bucket(self.token_buckets, max(num_tokens, S))
-        penalties = any(seq.params.uses_penalties for seq in rows)
+        """Runs one step; returns one row per sampled sequence (forks included).
 
+        Whole long prompts (see `_ring_eligible`) run each as its own ring-attention prefill,
+        after the rest of the step (which carries the copy-on-write copies) as one ragged batch.
+        """
+        ring = [item for item in out.scheduled if self._ring_eligible(item)]
+        rest = [item for item in out.scheduled if not self._ring_eligible(item)]
+        pending = []
+        if rest or out.block_copies:
+            pending.append(self._run(rest, out.block_copies, ring=False))
+        pending += [self._run([item], [], ring=True) for item in ring]
+        outputs = _host([(result, load) for _, result, load in pending])
+        rows = []
+        for (seqs, _, _), (result, _) in zip(pending, outputs):
+            rows += self._rows(seqs, result)
+        loads = [np.asarray(load, np.int64) for _, load in outputs if load is not None]
+        if loads:
+            self.last_expert_load = sum(loads)
+            self.total_expert_load = self.last_expert_load + (
+                0 if self.total_expert_load is None else self.total_expert_load)
+        return rows
+
+    def _run(self, items: list[ScheduledSeq], copies: list[tuple[int, int]], ring: bool):
+        """Dispatches one batch (no host sync): -> (sampled sequences, SamplerOutput, load)."""
+        seqs = [seq for item in items if item.sample for seq in (item.seq, *item.forks)]
+        S = _bucket(self.seq_buckets, max(len(items), len(seqs), len(copies), 1))
+        num_tokens = sum(item.num_tokens for item in items)
+        decode = (not ring and bool(self.decode_buckets) and bool(items)
+                  and all(item.num_tokens == 1 for item in items))
+        if decode:
+            kind, T = "decode", S
+        else:
+            kind = "ring" if ring else "forward"
+            T = _bucket(self.ring_buckets if ring else self.token_buckets, max(num_tokens, S))
+        penalties = any(seq.params.uses_penalties for seq in seqs)
+        inputs = self._step_inputs(items, copies, T, S, decode_only=decode)
+        sampling = self._sampling_metadata(seqs, S, penalties)
+        if jax.process_count() > 1:  # the followers run the same step (see `follow`)
+            distributed.send_step((_KINDS.index(kind), T, S, int(penalties)), (inputs, sampling))
+        result, load = self._dispatch((kind, T, S), penalties, inputs, sampling)
+        return seqs, result, load
+
+    def _dispatch(self, key: tuple, penalties: bool, inputs: StepInputs,
+                  sampling: SamplingMetadata):
+        self.kv_caches, hidden, load = self._compiled(key)(self.params, self.kv_caches, inputs)
+        result = self._compiled(("sample", key[2], penalties))(self.params, hidden, sampling)
+        return result, load
+
+    def follow(self) -> None:
+        """On processes other than 0: run every step process 0 broadcasts, until it calls
+        `release_followers`. The compiled functions' collectives keep the processes in step."""
+        while (header := distributed.receive_step_header(4)) is not None:
+            kind, T, S, penalties = _KINDS[header[0]], header[1], header[2], bool(header[3])
+            inputs, sampling = distributed.receive_step(
+                (self._dummy_inputs(T, S, decode_only=kind == "decode"),
+                 self._dummy_sampling(S, penalties)))
+            self._dispatch((kind, T, S), penalties, inputs, sampling)
+
+    def release_followers(self) -> None:
+        """On process 0 when serving ends: lets the other processes' `follow` return."""
+        if jax.process_count() > 1:
+            distributed.send_stop(4)
+
+    def _step_inputs(self, items: list[ScheduledSeq], copies: list[tuple[int, int]], T: int,
+                     S: int, decode_only: bool = False) -> StepInputs:
+        c = self.config
         input_ids = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         num_slots = self.num_kv_blocks * c.block_size
@@ -187,7 +339,7 @@ class ModelRunner:
         logits_indices = np.zeros(S, np.int32)
         offset = 0
         row = 0
-        for i, item in enumerate(out.scheduled):
+        for i, item in enumerate(items):
             seq, n, start = item.seq, item.num_tokens, item.start
             end = start + n
             input_ids[offset:offset + n] = seq.token_ids[start:end]
@@ -203,19 +355,14 @@ class ModelRunner:
                 for _ in (item.seq, *item.forks):
                     logits_indices[row] = offset - 1
                     row += 1
-        cu_q_lens[len(out.scheduled) + 1:] = offset
+        cu_q_lens[len(items) + 1:] = offset
         copy_src = np.zeros(S, np.int32)
         copy_dst = np.full(S, self.num_kv_blocks, np.int32)
-        for i, (src, dst) in enumerate(out.block_copies):
+        for i, (src, dst) in enumerate(copies):
             copy_src[i], copy_dst[i] = src, dst
-
         attn = AttentionMetadata(slot_mapping, block_tables, kv_lens, cu_q_lens,
-                                 np.int32(len(out.scheduled)))
-        inputs = StepInputs(input_ids, positions, attn, logits_indices, copy_src, copy_dst)
-        sampling = self._sampling_metadata(rows, S, penalties)
-        self.kv_caches, hidden = self._compiled(("forward", T, S))(self.params, self.kv_caches, inputs)
-        result = self._compiled(("sample", S, penalties))(self.params, hidden, sampling)
-        return self._rows(rows, jax.device_get(result))
+                                 np.int32(len(items)), decode_only)
+        return StepInputs(input_ids, positions, attn, logits_indices, copy_src, copy_dst)
 
     def _sampling_metadata(self, rows: list[Sequence], S: int, penalties: bool) -> SamplingMetadata:
         c = self.config

@@ -80,6 +80,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_tokens == 0:  # a fork child that joined running in this very step
+                i += 1
+                continue
             while not self.kv_cache.allocate(seq, num_tokens):
                 victim = self.policy.preemption_victim(self.running[i:])
                 self._preempt(victim)

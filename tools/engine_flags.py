@@ -1,9 +1,11 @@
-"""absl flags shared by the CLI runner and the server: engine limits -> EngineConfig."""
+"""absl flags shared by the CLI runner and the server: engine limits -> EngineConfig, and the
+multi-host launch (docs/SHARDING.md)."""
 
 from absl import flags
 
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import BUILTIN_MODEL
+from sharding import distributed
 
 flags.DEFINE_string("model", BUILTIN_MODEL, "Checkpoint folder (config.json, *.safetensors or "
                     f"orbax/, tokenizer.json), or {BUILTIN_MODEL} (untrained, built in).")
@@ -20,6 +22,22 @@ flags.DEFINE_enum("attention_backend", "auto", ["auto", "pallas", "reference"],
                   "auto: Pallas kernels on GPU/TPU, the pure-JAX reference on CPU.")
 flags.DEFINE_string("scheduling_policy", "fcfs", "Waiting-queue policy.")
 flags.DEFINE_integer("seed", 0, "Seeds the sampling of requests that give no seed.")
+# Parallelism (docs/SHARDING.md). allow_override: server/__main__.py defines the four *_parallel
+# flags too (for GetModelInfo); whichever module defines them last wins, without an error.
+for _axis, _help in (("tensor", "attention heads, MLP columns, vocabulary and KV heads"),
+                     ("data", "the tokens of each step (weights and KV cache replicated)"),
+                     ("sequence", "tokens, and ring attention for long whole-prompt prefills"),
+                     ("expert", "the experts of a mixture-of-experts model")):
+    flags.DEFINE_integer(f"{_axis}_parallel", 1,
+                         f"Devices on the {_axis} mesh axis: splits {_help}.", allow_override=True)
+flags.DEFINE_integer("sequence_parallel_threshold", 1024,
+                     "Prompts of at least this many tokens, scheduled whole, are prefilled with "
+                     "ring attention (--sequence_parallel > 1).")
+# Multi-host: one process per host, the same command on each (JAXSERVE_* environment variables
+# are read when these are unset).
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed.")
+flags.DEFINE_integer("num_processes", None, "Processes (hosts) in the run.")
+flags.DEFINE_integer("process_id", None, "This process's index; process 0 runs the scheduler.")
 
 FLAGS = flags.FLAGS
 
@@ -32,4 +50,13 @@ def engine_config_from_flags() -> EngineConfig:
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         enable_chunked_prefill=FLAGS.enable_chunked_prefill, dtype=FLAGS.dtype,
         attention_backend=FLAGS.attention_backend, scheduling_policy=FLAGS.scheduling_policy,
-        seed=FLAGS.seed)
+        seed=FLAGS.seed, tensor_parallel=FLAGS.tensor_parallel, data_parallel=FLAGS.data_parallel,
+        sequence_parallel=FLAGS.sequence_parallel, expert_parallel=FLAGS.expert_parallel,
+        sequence_parallel_threshold=FLAGS.sequence_parallel_threshold)
+
+
+def initialize_distributed_from_flags() -> bool:
+    """Joins the multi-host run the flags (or JAXSERVE_* variables) describe, if any. Call it
+    first in main(), before anything touches a device. True when this is a multi-process run."""
+    return distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)

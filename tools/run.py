@@ -2,6 +2,9 @@
 
     python -m tools.run --prompt="Hello" --max_tokens=32
     python -m tools.run --model=/ckpt/llama-3-8b --prompts_file=prompts.txt --temperature=0.7
+
+Multi-host: the same command on every host plus --coordinator_address, --num_processes and
+--process_id (docs/SHARDING.md); process 0 prints the results.
 """
 
 import json
@@ -12,7 +15,8 @@ from absl import app, flags
 
 from jaxserve import Engine, SamplingParams
 from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE
-from tools.engine_flags import FLAGS, engine_config_from_flags
+from sharding import distributed
+from tools.engine_flags import FLAGS, engine_config_from_flags, initialize_distributed_from_flags
 
 flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
 flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
@@ -49,6 +53,7 @@ def _prompts() -> list[str]:
 
 def main(argv):
     del argv
+    initialize_distributed_from_flags()
     params = SamplingParams(
         n=FLAGS.n, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
         min_p=FLAGS.min_p, repetition_penalty=FLAGS.repetition_penalty,
@@ -58,6 +63,9 @@ def main(argv):
     t0 = time.perf_counter()
     engine = Engine(FLAGS.model, engine_config_from_flags(), precompile=FLAGS.precompile)
     load_s = time.perf_counter() - t0
+    if not distributed.is_leader():  # run process 0's steps until it is done
+        engine.runner.follow()
+        return 0
     prompts = _prompts()
     t1 = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
@@ -69,6 +77,7 @@ def main(argv):
             if out.finished:
                 done[out.request_id] = out
     elapsed = time.perf_counter() - t1
+    engine.runner.release_followers()
     outputs = [done[i] for i in ids]
     if FLAGS.model == BUILTIN_MODEL:
         print(UNTRAINED_NOTICE)

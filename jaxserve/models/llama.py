@@ -4,6 +4,11 @@ file, variants through ModelConfig.
 The forward pass takes one flat ragged batch: the tokens of many sequences (prefill chunks and
 decode tokens mixed) with their positions, the attention metadata and one paged KV cache array
 per layer. Shapes: T tokens, D hidden, H query heads, K KV heads, Dh head dim, R sampled rows.
+
+With a `mesh` the same code runs split over it (sharding/): the weights arrive sharded by the
+partition rules and GSPMD splits the matmuls; attention over the paged cache and the expert
+dispatch run under shard_map; the residual stream is pinned to tokens over data x sequence.
+Without a mesh (mesh=None) nothing is constrained: one device, plain jit.
 """
 
 import functools
@@ -16,6 +21,10 @@ from flax import nnx
 
 from jaxserve.attention import AttentionMetadata, paged_attention, write_kv
 from jaxserve.config import ModelConfig
+from pallas_kernels.ring_attention import ring_attention
+from sharding.mesh import constrain, token_spec
+from sharding.moe_dispatch import routed_experts
+from sharding.parallel_attention import parallel_paged_attention
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -73,7 +82,10 @@ class Attention(nnx.Module):
         self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.attention_bias, dtype, rngs)
         self.o_proj = _linear(c.num_q_heads * c.head_dim, c.hidden_size, False, dtype, rngs)
 
-    def __call__(self, x, positions, kv_cache, md: AttentionMetadata, backend: str):
+    def __call__(self, x, positions, kv_cache, md: AttentionMetadata, backend: str, mesh=None,
+                 ring_prefill: bool = False):
+        """ring_prefill: x is one whole prompt (padded at the end); attention is ring attention
+        over its own K/V on the mesh's sequence axis, the K/V still go to the paged cache."""
         c = self.config
         T = x.shape[0]
         q = self.q_proj(x).reshape(T, c.num_q_heads, c.head_dim)
@@ -81,9 +93,20 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(T, c.num_kv_heads, c.head_dim)
         inv_freq = rope_inv_freq(c)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        kv_cache = write_kv(kv_cache, k, v, md.slot_mapping)
-        out = paged_attention(q, kv_cache, md, sm_scale=c.head_dim ** -0.5,
-                              sliding_window=c.sliding_window, backend=backend)
+        sm_scale = c.head_dim ** -0.5
+        attend = functools.partial(paged_attention, sm_scale=sm_scale,
+                                   sliding_window=c.sliding_window, backend=backend)
+        if mesh is None:
+            kv_cache = write_kv(kv_cache, k, v, md.slot_mapping)
+            out = attend(q, kv_cache, md)
+        else:
+            out, kv_cache = parallel_paged_attention(q, k, v, kv_cache, md, mesh=mesh,
+                                                     write_kv=write_kv,
+                                                     attend=None if ring_prefill else attend)
+        if ring_prefill:
+            if mesh is None:
+                raise ValueError("ring_prefill needs a mesh with a sequence axis")
+            out = ring_attention(q, k, v, mesh=mesh, axis_name="sequence", sm_scale=sm_scale)
         return self.o_proj(out.reshape(T, c.num_q_heads * c.head_dim)), kv_cache
 
 
@@ -94,13 +117,16 @@ class MLP(nnx.Module):
         self.up_proj = _linear(c.hidden_size, c.intermediate_size, False, dtype, rngs)
         self.down_proj = _linear(c.intermediate_size, c.hidden_size, False, dtype, rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, mesh=None, routing=None):  # GSPMD splits the matmuls by the weights
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class SparseMoE(nnx.Module):
     """Mixtral's block: top-k routing with renormalized weights; every token reaches its experts
-    (no capacity, no dropping). Experts are stacked: w_gate/w_up [E, D, F], w_down [E, F, D]."""
+    (no capacity, no dropping). Experts are stacked: w_gate/w_up [E, D, F], w_down [E, F, D].
+
+    Given a `routing` list, each call appends its routing (expert ids [T, k]) to it: the runner
+    counts tokens per expert from it."""
 
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         c = config
@@ -112,18 +138,15 @@ class SparseMoE(nnx.Module):
         self.w_down = nnx.Param(init(rngs.params(), (E, F, D), dtype))
         self.top_k = c.num_experts_per_tok
 
-    def __call__(self, x):  # x: [T, D]
+    def __call__(self, x, mesh=None, routing: list | None = None):  # x: [T, D]
         logits = self.router(x).astype(jnp.float32)  # [T, E]
         weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), self.top_k)
         weights = (weights / jnp.sum(weights, axis=-1, keepdims=True)).astype(x.dtype)
-        # Dense over experts, masked by routing: simple and exact; a grouped-matmul dispatch
-        # (ragged_dot over the expert axis) replaces it when experts are sharded.
-        gate = jnp.einsum("td,edf->tef", x, self.w_gate[...])
-        up = jnp.einsum("td,edf->tef", x, self.w_up[...])
-        y = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, self.w_down[...])  # [T, E, D]
-        combine = jnp.sum(jax.nn.one_hot(experts, logits.shape[-1], dtype=x.dtype)
-                          * weights[..., None], axis=1)  # [T, E]
-        return jnp.einsum("ted,te->td", y, combine)
+        if routing is not None:
+            routing.append(experts)
+        # Sort by expert, grouped matmuls (ragged_dot), unsort; split over expert x tensor.
+        return routed_experts(x, experts, weights, self.w_gate[...], self.w_up[...],
+                              self.w_down[...], mesh=mesh)
 
 
 class DecoderLayer(nnx.Module):
@@ -133,10 +156,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = SparseMoE(config, dtype, rngs) if config.num_experts else MLP(config, dtype, rngs)
 
-    def __call__(self, x, positions, kv_cache, md, backend):
-        h, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md, backend)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+    def __call__(self, x, positions, kv_cache, md, backend, mesh=None, ring_prefill=False,
+                 routing=None):
+        h, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md, backend,
+                                     mesh, ring_prefill)
+        x = constrain(x + h, mesh, token_spec(None))
+        x = x + self.mlp(self.post_attention_layernorm(x), mesh, routing)
+        return constrain(x, mesh, token_spec(None)), kv_cache
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -150,12 +176,19 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, rngs)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
-                 md: AttentionMetadata, backend: str = "reference"):
-        """input_ids, positions: [T] int32 -> hidden [T, D] and the updated caches."""
-        x = self.embed_tokens(input_ids)
+                 md: AttentionMetadata, backend: str = "reference", *, mesh=None,
+                 ring_prefill: bool = False, routing: list | None = None):
+        """input_ids, positions: [T] int32 -> hidden [T, D] and the updated caches.
+
+        mesh: run split over this mesh (weights and caches laid out by sharding.partition_rules).
+        ring_prefill: the batch is one whole prompt from position 0, padded at the end, and T
+        divisible by 2 x the sequence axis: attention is ring attention over the sequence axis.
+        routing: a list that receives each MoE layer's expert ids [T, k], in layer order.
+        """
+        x = constrain(self.embed_tokens(input_ids), mesh, token_spec(None))
         new_caches = []
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, kv_cache = layer(x, positions, kv_cache, md, backend)
+            x, kv_cache = layer(x, positions, kv_cache, md, backend, mesh, ring_prefill, routing)
             new_caches.append(kv_cache)
         return self.norm(x), new_caches
 

@@ -176,9 +176,6 @@ def test_missing_config_json(tmp_path):
         load(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "config.py: ModelConfig.from_dir lets json.JSONDecodeError through, whose message "
-    "('Expecting property name ...') does not say that config.json is the bad file"))
 def test_config_json_that_is_not_json(tmp_path):
     path = copy_fixture(tmp_path)
     (path / "config.json").write_text("{not json")

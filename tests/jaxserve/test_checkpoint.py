@@ -1,6 +1,6 @@
 """Checkpoint loading: sharded safetensors, Orbax round trip, conversion tool, dtypes."""
 
-import importlib.util
+import importlib
 import json
 import logging
 import os
@@ -95,15 +95,21 @@ def test_orbax_f32_checkpoint_loads_as_bf16(tmp_path, llama3_f32):
 
 @pytest.mark.skipif(not os.path.isfile(CONVERT_TOOL), reason="no tools/convert_checkpoint.py")
 def test_convert_checkpoint_tool(tmp_path, llama3_f32):
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", CONVERT_TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    if not callable(getattr(tool, "convert", None)):
-        pytest.skip("tools/convert_checkpoint.py has no convert(src, dst) function")
+    tool = importlib.import_module("tools.convert_checkpoint")
     dst = str(tmp_path / "converted")
-    tool.convert(fixture_path("llama3"), dst)
+    tool.convert(fixture_path("llama3"), dst, "float32")
     assert os.path.isdir(os.path.join(dst, ORBAX_SUBDIR))
+    assert {"config.json", "generation_config.json"} <= set(os.listdir(dst))
+    assert not [f for f in os.listdir(dst) if f.endswith(".safetensors")]
     assert_same_params(flat_params(load_model(dst, "float32", progress=False)), llama3_f32)
+
+    dst_bf16 = str(tmp_path / "converted_bf16")
+    tool.convert(fixture_path("llama3_sharded"), dst_bf16, "bfloat16")
+    expected = {k: v.astype(jnp.bfloat16) for k, v in llama3_f32.items()}
+    assert_same_params(flat_params(load_model(dst_bf16, "bfloat16", progress=False)), expected)
+
+    with pytest.raises(FileExistsError, match="converted"):
+        tool.convert(fixture_path("llama3"), dst, "float32")
 
 
 def test_bf16_loading_gives_bf16_params(llama3_f32):

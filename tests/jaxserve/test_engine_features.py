@@ -117,18 +117,17 @@ def test_n3_gives_three_different_samples(engine):
 @pytest.mark.parametrize("prompt_index", [
     1,  # 7 tokens: the fork shares a partial block
     2,  # 33 tokens: several full blocks and a partial one
-    3,  # 70 tokens
+    3,  # 70 tokens: more than one step's budget, but 64 of them are prefix-cache hits
 ])
 def test_greedy_n2_equals_greedy_n1(engine, prompt_index):
+    # n=1 first, which also puts the prompt in the prefix cache: the n=2 request then prefills
+    # in one step whatever ran before (the chunked case is the next test).
+    single = generate(engine, PROMPTS[prompt_index], greedy()).outputs[0].token_ids
+    assert single == GREEDY[prompt_index]
     out = generate(engine, PROMPTS[prompt_index], greedy(n=2))
     assert [c.token_ids for c in out.outputs] == [GREEDY[prompt_index]] * 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scheduler.py bug: a 70-token prompt (not in the prefix cache) is prefilled in two chunks "
-    "(64 + 6); when the second chunk completes in Scheduler.schedule's running loop, the fork "
-    "children are appended to running mid-loop and scheduled again as 0-token rows, so each "
-    "child is sampled twice in that step"))
 def test_greedy_n2_equals_greedy_n1_after_a_chunked_prefill(engine):
     prompt = list(range(100, 170))  # seen by no other test: no prefix-cache hit, two chunks
     out = generate(engine, prompt, greedy(n=2))
@@ -247,6 +246,35 @@ def test_no_logprobs_when_not_asked(engine):
     assert generate(engine, PROMPTS[1], greedy(max_tokens=2)).outputs[0].logprobs is None
 
 
+# ----- penalties -----------------------------------------------------------------------------
+
+def test_repetition_penalty_applies_to_prompt_tokens(engine):
+    prompt, logits = PROMPTS[3], np.asarray(GOLDEN["last_logits"][3], np.float64)
+    assert int(logits.argmax()) in prompt  # the unpenalized first token repeats the prompt
+    penalized = logits.copy()
+    for t in set(prompt):
+        penalized[t] = penalized[t] / 1.5 if penalized[t] > 0 else penalized[t] * 1.5
+    out = generate(engine, prompt, greedy(max_tokens=1, repetition_penalty=1.5)).outputs[0]
+    assert out.token_ids == [int(penalized.argmax())]
+    assert out.token_ids != GREEDY[3][:1]
+    # Presence and frequency penalties count output tokens only: the first token is unchanged.
+    out = generate(engine, prompt, greedy(max_tokens=1, presence_penalty=2.0,
+                                          frequency_penalty=2.0)).outputs[0]
+    assert out.token_ids == GREEDY[3][:1]
+
+
+def test_frequency_penalty_breaks_a_repetition_loop(llm):
+    plain = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    (loop,) = llm.generate("abc", plain, use_tqdm=False)
+    tokens = loop.outputs[0].token_ids
+    assert max(tokens.count(t) for t in tokens) > 20  # the untrained model repeats itself
+    penalized = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                               frequency_penalty=2.0)
+    (out,) = llm.generate("abc", penalized, use_tqdm=False)
+    tokens = out.outputs[0].token_ids
+    assert max(tokens.count(t) for t in tokens) < 10
+
+
 # ----- abort ---------------------------------------------------------------------------------
 
 def test_abort_mid_run_frees_every_block(engine):
@@ -336,7 +364,7 @@ def _pick_stop(text, length=3, start=2):
 @pytest.mark.parametrize("prompt, params", [
     ("abc", dict(temperature=0.0)),
     ("Hello, world", dict(temperature=0.8, seed=21)),
-])
+], ids=["greedy", "seeded"])
 def test_stop_string_ends_the_text_right_before_it(llm, prompt, params):
     base = SamplingParams(max_tokens=40, ignore_eos=True, **params)
     first = llm.generate(prompt, base, use_tqdm=False)[0].outputs[0]
@@ -393,3 +421,35 @@ def test_stream_closed_early_aborts_its_request(llm):
     assert not llm.engine.has_unfinished_requests
     kv = llm.engine.kv_cache
     assert kv.num_free_blocks == kv.num_blocks
+
+
+# ----- under KV pressure: preemption with seeds, n > 1 and the prefix cache --------------------
+
+@pytest.fixture(scope="module")
+def tight_engine():
+    """32 blocks of 8 tokens: one max_model_len sequence fits, a few long ones preempt."""
+    from tests.conftest import build_engine
+    return build_engine("llama3", num_kv_blocks=32)
+
+
+def test_seeded_samples_survive_preemption(engine, tight_engine):
+    n3_prompt = [1, 40, 41, 42, 43, 44]  # admitted first, whole: its forks start at once
+    requests = [(n3_prompt, seeded(50, n=3, max_tokens=40))]
+    requests += [(list(range(3 + i, 60 + i)), seeded(60 + i, max_tokens=40)) for i in range(3)]
+    ids = [tight_engine.add_request(p, sp) for p, sp in requests]
+    outs = run_to_completion(tight_engine)
+    assert tight_engine.scheduler.num_preemptions > 0
+    assert_all_blocks_free(tight_engine)
+    # Each sample equals its seed run alone on the roomy engine.
+    for rid, (prompt, sp) in zip(ids, requests):
+        for c in outs[rid].outputs:
+            alone = generate(engine, prompt, seeded(sp.seed + c.index, max_tokens=40))
+            assert c.token_ids == alone.outputs[0].token_ids, (rid, c.index)
+
+
+def test_n2_with_prefix_cache_hits(engine):
+    prompt = list(range(200, 227))  # 27 tokens: 3 full blocks cached, a partial one
+    first = generate(engine, prompt, seeded(70, n=2))
+    again = generate(engine, prompt, seeded(70, n=2))
+    assert again.num_cached_tokens == 24
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in first.outputs]

@@ -31,8 +31,36 @@ def _sample(logits, md, max_logprobs):
     return sample(logits, md, max_logprobs)
 
 
-def run(logits, md, max_logprobs=MAX_LOGPROBS):
-    return jax.device_get(_sample(np.asarray(logits, np.float32), md, max_logprobs))
+PAD_ROWS = 512  # every call is padded to one shape: one compilation (two with penalties)
+PAD_HISTORY = 16
+
+
+def _pad(x, rows, fill, cols=None):
+    x = np.asarray(x)
+    shape = (rows,) + ((cols,) if cols is not None else x.shape[1:])
+    out = np.full(shape, fill, x.dtype)
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out
+
+
+def run(logits, md, max_logprobs=MAX_LOGPROBS, pad=True):
+    """The sampler's output for the given rows; padded with greedy rows to one shape."""
+    logits = np.asarray(logits, np.float32)
+    rows = logits.shape[0]
+    if pad:
+        p = md.penalties
+        if p is not None:
+            p = PenaltyMetadata(_pad(p.repetition, PAD_ROWS, 1), _pad(p.presence, PAD_ROWS, 0),
+                                _pad(p.frequency, PAD_ROWS, 0),
+                                _pad(p.history, PAD_ROWS, -1, PAD_HISTORY),
+                                _pad(p.prompt_lens, PAD_ROWS, 0))
+        md = SamplingMetadata(_pad(md.temperature, PAD_ROWS, 0), _pad(md.top_k, PAD_ROWS, 0),
+                              _pad(md.top_p, PAD_ROWS, 1), _pad(md.min_p, PAD_ROWS, 0),
+                              _pad(md.seeds, PAD_ROWS, 0), _pad(md.steps, PAD_ROWS, 0),
+                              _pad(md.banned_ids, PAD_ROWS, -1), p)
+        logits = _pad(logits, PAD_ROWS, 0)
+    out = jax.device_get(_sample(logits, md, max_logprobs))
+    return jax.tree.map(lambda x: x[:rows], out)
 
 
 def random_logits(rows, seed=0, scale=3.0):
@@ -136,7 +164,7 @@ def test_banned_ids_are_never_sampled():
     rows = 256
     probs = [0.6, 0.3, 0.05, 0.05]
     logits = np.tile(logits_for_probs(probs), (rows, 1))
-    banned = np.tile([[0, 2, -1]], (rows, 1))
+    banned = np.tile([[0, 2]], (rows, 1))
     sampled = run(logits, metadata(rows, temperature=1.0, banned=banned)).tokens
     assert set(sampled.tolist()) == {1, 3}
     greedy = run(logits, metadata(rows, temperature=0.0, banned=banned)).tokens
@@ -196,8 +224,8 @@ def test_penalties_change_the_sampled_token():
 def test_same_seed_and_step_give_the_same_token_whatever_the_batch():
     logits = random_logits(1, seed=9, scale=0.5)[0]
     seed, steps = 12345, [0, 1, 2, 3, 7]
-    alone = [run(logits[None], metadata(1, temperature=1.0, seeds=[seed], steps=s)).tokens[0]
-             for s in steps]
+    alone = [run(logits[None], metadata(1, temperature=1.0, seeds=[seed], steps=s),
+                 pad=False).tokens[0] for s in steps]  # alone, in a batch of 1 row
     assert len(set(alone)) > 1  # the step moves the random stream on
 
     rng = np.random.default_rng(10)

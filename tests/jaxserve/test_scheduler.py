@@ -298,12 +298,6 @@ def test_fork_children_are_sampled_once_when_a_chunked_prompt_completes():
     assert plan(step(sched)) == [(s, 10, 1, True) for s in (parent, *children)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scheduler.py bug: when a running sequence's last prefill chunk completes in the running "
-    "loop, _take appends its fork children to self.running while the loop is iterating; the "
-    "loop then reaches them (budget left) and schedules each as a 0-token item with "
-    "sample=True, so every child is sampled twice in that step (once as a fork row, once as "
-    "its own row) and its num_computed_tokens falls behind its tokens"))
 def test_fork_children_are_sampled_once_when_a_chunked_prefill_completes_while_running():
     sched = make_scheduler(budget=16)
     parent = make_seq(20, n=3)  # 16 tokens, then 4 with 12 of the budget left
