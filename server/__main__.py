@@ -19,15 +19,17 @@ from absl import app, flags, logging
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE
 from jaxserve.engine import Engine
-from server.config import PARALLELISM_AXES, Parallelism, ServerConfig
+from server.config import ServerConfig
 from server.grpc_server import GrpcServer
-from tools.engine_flags import FLAGS, engine_config_from_flags
+from jaxserve.flags import FLAGS, engine_config_from_flags, initialize_distributed_from_flags
+from sharding import distributed
 
 _SERVER = ServerConfig()
 
 # --model and the engine limits (--max_num_seqs, --max_num_batched_tokens, --max_model_len,
 # --block_size, --num_kv_blocks, --dtype, --attention_backend, --enable_prefix_caching,
-# --enable_chunked_prefill, ...) are tools/engine_flags.py's, shared with the CLI runner.
+# --enable_chunked_prefill, --tensor_parallel, ..., the multi-host flags) are jaxserve/flags.py's,
+# shared with the CLI runner.
 flags.DEFINE_string("host", _SERVER.host, "Address to listen on; 0.0.0.0 exposes the server.")
 flags.DEFINE_integer("port", _SERVER.port, "gRPC port; 0 picks a free one (logged).")
 flags.DEFINE_boolean("precompile", True, "Compile every step shape before serving (slower start, "
@@ -36,9 +38,6 @@ flags.DEFINE_boolean("random_weights", False, "Initialize the model randomly fro
                      "config.json instead of loading weights (to benchmark a model shape).")
 flags.DEFINE_string("compilation_cache_dir", "", "Persistent JAX compilation cache; a restart "
                     "with the same model and limits then skips compiling.")
-# Parallelism: accepted and reported by GetModelInfo; jaxserve runs on one device for now.
-for _axis in PARALLELISM_AXES:
-    flags.DEFINE_integer(f"{_axis}_parallel", 1, f"Devices on the {_axis} mesh axis (only 1 for now).")
 # Server.
 flags.DEFINE_integer("max_pending", _SERVER.max_pending, "Requests admitted at once (waiting + "
                      "running); past it calls get RESOURCE_EXHAUSTED with a retry-after-ms hint.")
@@ -62,9 +61,7 @@ def configs_from_flags() -> tuple[EngineConfig, ServerConfig]:
         grace_period_s=FLAGS.grace_period_s, tls_cert=FLAGS.tls_cert or None,
         tls_key=FLAGS.tls_key or None,
         auth_token=FLAGS.auth_token or os.environ.get("JAXSERVE_AUTH_TOKEN") or None,
-        metrics_port=FLAGS.metrics_port or None, max_message_bytes=FLAGS.max_message_bytes,
-        parallelism=Parallelism(**{axis: FLAGS[f"{axis}_parallel"].value
-                                   for axis in PARALLELISM_AXES}))
+        metrics_port=FLAGS.metrics_port or None, max_message_bytes=FLAGS.max_message_bytes)
     return engine_config, server_config
 
 
@@ -89,12 +86,15 @@ async def serve(engine_factory: Callable[[], Engine], server_config: ServerConfi
     await server.drain()
     await server.stop()
     load.cancel()
+    if server.engine is not None:
+        server.engine.runner.release_followers()  # multi-host: lets the other processes exit
     return code
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed_from_flags()
     try:
         engine_config, server_config = configs_from_flags()
     except ValueError as e:
@@ -105,6 +105,12 @@ def main(argv: list[str]) -> None:
     if FLAGS.model == BUILTIN_MODEL:
         logging.warning(UNTRAINED_NOTICE)
     model, precompile, random_weights = FLAGS.model, FLAGS.precompile, FLAGS.random_weights
+    if not distributed.is_leader():
+        # Multi-host: process 0 serves gRPC and schedules; every other process holds its shards
+        # of the model and runs process 0's steps until it stops.
+        Engine(model, engine_config, precompile=precompile, random_weights=random_weights,
+               skip_tokenizer=True).runner.follow()
+        sys.exit(0)
     sys.exit(asyncio.run(serve(
         lambda: Engine(model, engine_config, precompile=precompile, random_weights=random_weights),
         server_config)))

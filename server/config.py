@@ -6,27 +6,6 @@ own limits are a jaxserve.EngineConfig beside it.
 
 import dataclasses
 
-PARALLELISM_AXES = ("tensor", "data", "sequence", "expert")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Parallelism:
-    """Devices per mesh axis. jaxserve runs on one device for now, so each must be 1."""
-
-    tensor: int = 1
-    data: int = 1
-    sequence: int = 1
-    expert: int = 1
-
-    def __post_init__(self):
-        for axis in PARALLELISM_AXES:
-            value = getattr(self, axis)
-            if value != 1:
-                raise ValueError(
-                    f"{axis}_parallel must be 1, got {value!r}: jaxserve does not shard the model "
-                    "over devices yet")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """Attributes:
@@ -37,7 +16,6 @@ class ServerConfig:
       auth_token: when set, every call must carry `authorization: Bearer <auth_token>`.
       metrics_port: Prometheus endpoint on `host`; None is off, 0 picks a free port.
       max_message_bytes: largest gRPC message sent or received.
-      parallelism: shown by GetModelInfo.
     """
 
     host: str = "127.0.0.1"
@@ -49,7 +27,6 @@ class ServerConfig:
     auth_token: str | None = None
     metrics_port: int | None = None
     max_message_bytes: int = 16 * 1024 * 1024
-    parallelism: Parallelism = Parallelism()
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:

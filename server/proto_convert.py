@@ -90,12 +90,13 @@ def complete_response(output: RequestOutput) -> pb.CompleteResponse:
 
 
 def model_info(engine: Engine, server_config: ServerConfig) -> pb.ModelInfo:
-    model, config, parallelism = engine.model_config, engine.config, server_config.parallelism
+    model, config = engine.model_config, engine.config
     return pb.ModelInfo(
         model_path=engine.model_path, model_type=model.model_type, dtype=config.dtype,
         max_model_len=config.max_model_len, vocab_size=model.vocab_size,
-        parallelism=pb.Parallelism(tensor=parallelism.tensor, data=parallelism.data,
-                                   sequence=parallelism.sequence, expert=parallelism.expert),
+        parallelism=pb.Parallelism(tensor=config.tensor_parallel, data=config.data_parallel,
+                                   sequence=config.sequence_parallel,
+                                   expert=config.expert_parallel),
         limits=pb.EngineLimits(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_kv_blocks=engine.kv_cache.num_blocks,

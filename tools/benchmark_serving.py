@@ -31,7 +31,7 @@ from absl import app, flags
 
 from jaxserve.sim.workload import SimRequest, WorkloadSpec, generate_workload
 from tools import serving_stats
-from tools.engine_flags import FLAGS, engine_config_from_flags
+from jaxserve.flags import FLAGS, engine_config_from_flags
 
 flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the server.")
 flags.DEFINE_string("auth_token", "", "Bearer token, if the server wants one.")

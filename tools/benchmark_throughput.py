@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 
 from jaxserve import Engine, SamplingParams
-from tools.engine_flags import FLAGS, engine_config_from_flags
+from jaxserve.flags import FLAGS, engine_config_from_flags
 
 flags.DEFINE_string("shape", None, "A model shape from tools/model_shapes/ (random weights).")
 flags.DEFINE_list("batch_sizes", ["1", "64"], "Concurrent requests per run.")

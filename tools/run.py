@@ -16,7 +16,7 @@ from absl import app, flags
 from jaxserve import Engine, SamplingParams
 from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE
 from sharding import distributed
-from tools.engine_flags import FLAGS, engine_config_from_flags, initialize_distributed_from_flags
+from jaxserve.flags import FLAGS, engine_config_from_flags, initialize_distributed_from_flags
 
 flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
 flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")

@@ -27,7 +27,7 @@ from jaxserve.length_predictor import OraclePredictor
 from jaxserve.scheduling_policy import MLFQPolicy, make_policy
 from jaxserve.sim import SimResult, Simulator, StepCostModel, WorkloadSpec, generate_workload, load_trace
 from tools import serving_stats
-from tools.engine_flags import FLAGS, engine_config_from_flags
+from jaxserve.flags import FLAGS, engine_config_from_flags
 
 flags.DEFINE_list("policies", ["fcfs", "priority", "sjf", "sjf:oracle", "srpt", "mlfq", "fair"],
                   "Policies to compare; name[:predictor], predictor 'oracle' = true lengths; "

@@ -1,5 +1,6 @@
-"""absl flags shared by the CLI runner and the server: engine limits -> EngineConfig, and the
-multi-host launch (docs/SHARDING.md)."""
+"""absl flags shared by the CLI runner, the server and the benchmarks: engine limits and
+parallelism -> EngineConfig, and the multi-host launch (docs/SHARDING.md). Importing this module
+defines the flags."""
 
 from absl import flags
 
@@ -22,14 +23,13 @@ flags.DEFINE_enum("attention_backend", "auto", ["auto", "pallas", "reference"],
                   "auto: Pallas kernels on GPU/TPU, the pure-JAX reference on CPU.")
 flags.DEFINE_string("scheduling_policy", "fcfs", "Waiting-queue policy.")
 flags.DEFINE_integer("seed", 0, "Seeds the sampling of requests that give no seed.")
-# Parallelism (docs/SHARDING.md). allow_override: server/__main__.py defines the four *_parallel
-# flags too (for GetModelInfo); whichever module defines them last wins, without an error.
+# Parallelism (docs/SHARDING.md).
 for _axis, _help in (("tensor", "attention heads, MLP columns, vocabulary and KV heads"),
                      ("data", "the tokens of each step (weights and KV cache replicated)"),
                      ("sequence", "tokens, and ring attention for long whole-prompt prefills"),
                      ("expert", "the experts of a mixture-of-experts model")):
     flags.DEFINE_integer(f"{_axis}_parallel", 1,
-                         f"Devices on the {_axis} mesh axis: splits {_help}.", allow_override=True)
+                         f"Devices on the {_axis} mesh axis: splits {_help}.")
 flags.DEFINE_integer("sequence_parallel_threshold", 1024,
                      "Prompts of at least this many tokens, scheduled whole, are prefilled with "
                      "ring attention (--sequence_parallel > 1).")
