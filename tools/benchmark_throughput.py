@@ -3,13 +3,12 @@
     python -m tools.benchmark_throughput --shape=llama3-8b --batch_sizes=1,64 --input_len=128 \
         --output_len=128 --out=results.json
 
---shape names a config in tools/model_shapes/ (weights are random, initialized on the device),
-or --model gives a checkpoint folder. Reports output tokens/s and mean decode step time.
+--shape names a folder of tools/model_shapes/ (its config.json only; weights are random,
+initialized on the device), or --model gives a checkpoint folder. Reports output tokens/s and mean decode step time.
 """
 
 import json
 import os
-import tempfile
 import time
 
 import jax
@@ -54,13 +53,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, seed:
 def main(argv):
     del argv
     random_weights = FLAGS.shape is not None
-    model_dir = FLAGS.model
-    if random_weights:
-        model_dir = tempfile.mkdtemp()
-        with open(os.path.join(SHAPES_DIR, FLAGS.shape + ".json")) as f:
-            shape = json.load(f)
-        with open(os.path.join(model_dir, "config.json"), "w") as f:
-            json.dump(shape, f)
+    model_dir = os.path.join(SHAPES_DIR, FLAGS.shape) if random_weights else FLAGS.model
     t0 = time.perf_counter()
     engine = Engine(model_dir, engine_config_from_flags(), precompile=False,
                     skip_tokenizer=random_weights, random_weights=random_weights)

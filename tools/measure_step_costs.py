@@ -41,6 +41,8 @@ flags.DEFINE_integer("max_model_len", 2048, "The engine's max_model_len: block t
                      "to it, which the CPU reference attention pays for.")
 flags.DEFINE_integer("block_size", 16, "Tokens per KV cache block.")
 flags.DEFINE_integer("repeats", 10, "Timed runs per cell (the fastest is kept).")
+flags.DEFINE_boolean("random_weights", False, "Initialize --model's config.json randomly (a "
+                     "folder of tools/model_shapes/, say) instead of loading weights.")
 flags.DEFINE_string("out", None, "Write the table here (JSON); default: print it.")
 
 FLAGS = flags.FLAGS
@@ -81,7 +83,8 @@ def main(argv):
     config = EngineConfig(max_num_seqs=max(seqs), max_num_batched_tokens=max(tokens),
                           max_model_len=max_model_len, block_size=FLAGS.block_size,
                           num_kv_blocks=blocks, dtype=FLAGS.dtype, enable_prefix_caching=False)
-    engine = Engine(FLAGS.model, config, precompile=False, progress=False, skip_tokenizer=True)
+    engine = Engine(FLAGS.model, config, precompile=False, progress=False, skip_tokenizer=True,
+                    random_weights=FLAGS.random_weights)
     rng = np.random.default_rng(0)
     cells = [(t, s) for t in tokens for s in seqs if s <= t]
     times: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The H100 runs behind docs/BENCHMARKS.md, one stage per device call:
+#   bash tools/gpu_runs.sh check|serve|costs      (results under $OUT, default ./gpu_out)
+# Each command is timed and logged; a failing command does not stop the stage.
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxserve-jax-cache}
+SHAPE8B=tools/model_shapes/llama3-8b
+ENGINE8B="--model=$SHAPE8B --random_weights --max_model_len=2048 --max_num_seqs=64"
+
+step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name: $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - t0)) s"
+  tail -n 25 "$OUT/$name.log"
+}
+
+case "${1:-}" in
+check)
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
+  step engine_check 150 python -m tools.check_engine_gpu --out="$OUT/engine_check.json"
+  step throughput_pallas 300 python -m tools.benchmark_throughput --shape=llama3-8b \
+    --batch_sizes=1,64 --input_len=128 --output_len=128 --max_model_len=2048 --max_num_seqs=64 \
+    --max_num_batched_tokens=2048 --attention_backend=pallas --out="$OUT/throughput_pallas.json"
+  step ring_flash 120 python -m tools.check_ring_flash_gpu
+  ;;
+serve)
+  python -m server $ENGINE8B --max_num_batched_tokens=512 --port=50051 \
+    --compilation_cache_dir="$JAX_COMPILATION_CACHE_DIR" > "$OUT/server.log" 2>&1 &
+  SERVER=$!
+  WORKLOAD="--num_requests=120 --warmup_requests=8 --slo_ttft_ms=1000 --slo_tpot_ms=50"
+  for rate in 2 4 8; do
+    step "serve_rate$rate" 200 python -m tools.benchmark_serving $WORKLOAD --request_rate=$rate \
+      --out_json="$OUT/serve_rate$rate.json" --out_png="$OUT/serve_rate$rate.png"
+  done
+  kill -TERM $SERVER; wait $SERVER
+  tail -n 5 "$OUT/server.log"
+  for rate in 2 4 8; do
+    step "offline_rate$rate" 200 python -m tools.benchmark_serving --offline $ENGINE8B \
+      --max_num_batched_tokens=512 $WORKLOAD --request_rate=$rate \
+      --out_json="$OUT/offline_rate$rate.json" --out_png=""
+  done
+  ;;
+policies)
+  for policy in fcfs sjf mlfq; do
+    step "policy_$policy" 200 python -m tools.benchmark_serving --offline $ENGINE8B \
+      --max_num_batched_tokens=512 --scheduling_policy=$policy --num_requests=300 \
+      --warmup_requests=8 --request_rate=16 --out_json="$OUT/policy_$policy.json" --out_png=""
+  done
+  ;;
+costs)
+  step step_costs 560 python -m tools.measure_step_costs --model=$SHAPE8B --random_weights \
+    --dtype=bfloat16 --tokens=16,64,256,512,1024,2048 --seqs=8,32,128,256 --repeats=5 \
+    --max_model_len=4096 \
+    --out="$OUT/h100.json"
+  ;;
+*)
+  echo "usage: bash tools/gpu_runs.sh check|serve|policies|costs" >&2; exit 2 ;;
+esac
