@@ -1,12 +1,15 @@
 """The attention backend interface: the per-step attention metadata, the KV cache write, and
 the choice between the pure-JAX reference and the Pallas kernels.
 
-The KV cache of one layer is one array `[2, num_blocks, block_size, num_kv_heads, head_dim]`
-(keys, then values). Slot `b * block_size + i` is token `i` of block `b`.
+The KV cache of one layer is a pair of arrays (keys, values), each `[num_blocks, block_size,
+num_kv_heads, head_dim]`. Slot `b * block_size + i` is token `i` of block `b`. Two arrays rather
+than one stacked array: a slice `cache[0]` of a stacked array handed to a Pallas kernel (or read
+inside a loop) is materialized by XLA, a copy of the layer's whole cache every step.
 """
 
 import dataclasses
 import functools
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,9 @@ from pallas_kernels.backend import resolve_implementation
 from pallas_kernels.paged_decode_attention import paged_decode_attention
 from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
                                                    ragged_paged_attention_reference)
+
+
+KVCache: TypeAlias = tuple[jax.Array, jax.Array]  # (keys, values) of one layer
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -43,18 +49,21 @@ class AttentionMetadata:
     decode_only: bool = False
 
 
-def write_kv(kv_cache: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+def write_kv(kv_cache: KVCache, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVCache:
     """Scatters this step's keys and values ([num_tokens, num_kv_heads, head_dim]) into the cache."""
-    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.reshape(2, num_blocks * block_size, num_kv_heads, head_dim)
-    kv = jnp.stack([k, v]).astype(kv_cache.dtype)
-    flat = flat.at[:, slot_mapping].set(kv, mode="drop")
-    return flat.reshape(kv_cache.shape)
+    def write(pages, new):
+        num_blocks, block_size, num_kv_heads, head_dim = pages.shape
+        flat = pages.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+        flat = flat.at[slot_mapping].set(new.astype(pages.dtype), mode="drop")
+        return flat.reshape(pages.shape)
+    return write(kv_cache[0], k), write(kv_cache[1], v)
 
 
-def copy_blocks(kv_cache: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
+def copy_blocks(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
     """Copies whole blocks src[i] -> dst[i] ([num_copies] int32; out-of-range dst is skipped)."""
-    return kv_cache.at[:, dst].set(kv_cache[:, jnp.clip(src, 0, kv_cache.shape[1] - 1)], mode="drop")
+    def copy(pages):
+        return pages.at[dst].set(pages[jnp.clip(src, 0, pages.shape[0] - 1)], mode="drop")
+    return copy(kv_cache[0]), copy(kv_cache[1])
 
 
 def resolve_backend(name: str) -> str:
@@ -62,7 +71,7 @@ def resolve_backend(name: str) -> str:
     return resolve_implementation(name)
 
 
-def paged_attention(q: jax.Array, kv_cache: jax.Array, md: AttentionMetadata, *, sm_scale: float,
+def paged_attention(q: jax.Array, kv_cache: KVCache, md: AttentionMetadata, *, sm_scale: float,
                     sliding_window: int | None, backend: str) -> jax.Array:
     """Ragged paged attention of q [num_tokens, num_q_heads, head_dim] over the layer's cache."""
     if backend == "pallas" and md.decode_only:

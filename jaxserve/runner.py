@@ -143,9 +143,9 @@ class ModelRunner:
         self.dtype = jnp.dtype(config.dtype)
         self.backend = resolve_backend(config.attention_backend)
         self.num_kv_blocks = num_kv_blocks or self._num_kv_blocks()
-        shape = (2, self.num_kv_blocks, config.block_size, m.num_kv_heads, m.head_dim)
+        shape = (self.num_kv_blocks, config.block_size, m.num_kv_heads, m.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.kv_sharding)
-        self.kv_caches = [zeros() for _ in range(m.num_layers)]
+        self.kv_caches = [(zeros(), zeros()) for _ in range(m.num_layers)]  # (keys, values)
         # Every token bucket splits evenly over the token shards (data x sequence).
         token_shards = axis_size(self.mesh, TOKEN_AXES)
         self.token_buckets = sorted({round_up(t, token_shards)
@@ -157,7 +157,7 @@ class ModelRunner:
         self.decode_buckets = (self.seq_buckets if self.backend == "pallas" and token_shards == 1
                                else [])
         self.num_banned = config.max_stop_token_ids + len(m.eos_token_ids)
-        cache_shardings = [self.kv_sharding] * m.num_layers
+        cache_shardings = [(self.kv_sharding, self.kv_sharding)] * m.num_layers
         repl = replicated(self.mesh)
         forward = functools.partial(forward_fn, self.graphdef, backend=self.backend, mesh=self.mesh)
         jit_forward = functools.partial(

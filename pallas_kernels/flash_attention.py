@@ -70,7 +70,10 @@ def _flash_kernel(
         keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k = k_ref[keys, :]
         v = v_ref[keys, :]
-        s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=jnp.float32) * sm_scale
+        # float32 inputs get full-precision dots (Triton would take TF32 otherwise).
+        precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+        s = lax.dot_general(q, k, _NT_DIMS, precision=precision,
+                            preferred_element_type=jnp.float32) * sm_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         if masked:
@@ -85,7 +88,8 @@ def _flash_kernel(
         p = jnp.exp(s - m_safe)
         alpha = jnp.exp(m_prev - m_safe)
         l_next = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = jnp.dot(p.astype(v.dtype), v, precision=precision,
+                     preferred_element_type=jnp.float32)
         return alpha * acc + pv, m_next, l_next
 
     carry = (

@@ -7,7 +7,7 @@ split by GSPMD at all, so it runs under `shard_map` with every collective writte
 - K/V of the step are all-gathered over the token axes (one all-gather per layer, only when
   those are > 1), because every device's cache shard holds all tokens of its KV heads; each
   device then writes them, with the (replicated) slot mapping, into its own cache shard
-  [2, num_blocks, block_size, Hkv / tp (or Hkv), Dh];
+  (keys and values, each [num_blocks, block_size, Hkv / tp (or Hkv), Dh]);
 - the attention metadata is rebased to the device's slice of tokens (see `_rebase`), and the
   attention function runs unchanged on local shapes.
 
@@ -31,7 +31,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from sharding.mesh import TOKEN_AXES, axis_size
 from sharding.partition_rules import kv_cache_spec, kv_heads_sharded
 
-WriteFn = Callable  # (cache, k [T, Hkv, Dh], v, slot_mapping [T]) -> cache
+WriteFn = Callable  # (cache (k, v), k [T, Hkv, Dh], v, slot_mapping [T]) -> cache
 AttendFn = Callable  # (q [T, Hq, Dh], cache, metadata) -> [T, Hq, Dh]
 
 
@@ -60,17 +60,18 @@ def _local_kv_heads(cache, *, num_q_heads: int, num_kv_heads: int, tp: int):
     group = num_q_heads // num_kv_heads
     first_q = lax.axis_index("tensor") * q_per_device
     if tp % num_kv_heads == 0:
-        return lax.dynamic_slice_in_dim(cache, first_q // group, 1, axis=3)
+        return tuple(lax.dynamic_slice_in_dim(pages, first_q // group, 1, axis=2)
+                     for pages in cache)
     heads = (first_q + jnp.arange(q_per_device)) // group
-    return jnp.take(cache, heads, axis=3)
+    return tuple(jnp.take(pages, heads, axis=2) for pages in cache)
 
 
-def parallel_paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array, md,
+def parallel_paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: tuple, md,
                              *, mesh: Mesh, write_kv: WriteFn, attend: AttendFn | None):
     """Writes this step's K/V into the cache and attends, split over the mesh.
 
-    q [T, Hq, Dh], k/v [T, Hkv, Dh] (T divisible by the token shards), kv_cache
-    [2, num_blocks, block_size, Hkv, Dh] laid out by `kv_cache_spec`. Returns (out [T, Hq, Dh]
+    q [T, Hq, Dh], k/v [T, Hkv, Dh] (T divisible by the token shards), kv_cache (keys, values),
+    each [num_blocks, block_size, Hkv, Dh] laid out by `kv_cache_spec`. Returns (out [T, Hq, Dh]
     with tokens over data x sequence and heads over tensor, new cache); with attend=None only
     the write happens and out is None (the ring-attention prefill attends by itself).
     """
@@ -81,7 +82,8 @@ def parallel_paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache:
         raise ValueError(f"{q.shape[0]} tokens do not split over {token_shards} token shards "
                          f"(data x sequence)")
     sharded_kv = kv_heads_sharded(num_kv_heads, tp)
-    cache_spec = kv_cache_spec(num_kv_heads=num_kv_heads, tensor_parallel=tp)
+    spec = kv_cache_spec(num_kv_heads=num_kv_heads, tensor_parallel=tp)
+    cache_spec = (spec, spec)
     kv_spec = P(TOKEN_AXES, "tensor" if sharded_kv else None, None)
     md_spec = jax.tree.map(lambda _: P(), md)  # metadata, slot mapping included, is replicated
 

@@ -61,9 +61,10 @@ def param_rules(*, num_kv_heads: int, vocab_size: int, tensor_parallel: int) -> 
 
 
 def kv_cache_spec(*, num_kv_heads: int, tensor_parallel: int) -> P:
-    """Spec of one layer's cache [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Spec of each of one layer's key and value caches [num_blocks, block_size, num_kv_heads,
+    head_dim]."""
     if kv_heads_sharded(num_kv_heads, tensor_parallel):
-        return P(None, None, None, "tensor", None)
+        return P(None, None, "tensor", None)
     return P()
 
 

@@ -31,7 +31,8 @@ def greedy_tokens(family: str, backend: str) -> tuple[list[list[int]], list[list
     with open(os.path.join(path, "golden.json")) as f:
         golden = json.load(f)
     config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256,
-                          block_size=8, dtype="float32", attention_backend=backend)
+                          block_size=8, dtype="float32", attention_backend=backend,
+                          num_kv_blocks=512)
     engine = Engine(path, config, precompile=False, progress=False, skip_tokenizer=True)
     kinds = {}
     dispatch = engine.runner._dispatch

@@ -22,9 +22,12 @@ case "${1:-}" in
 check)
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
   step engine_check 150 python -m tools.check_engine_gpu --out="$OUT/engine_check.json"
-  step throughput_pallas 300 python -m tools.benchmark_throughput --shape=llama3-8b \
-    --batch_sizes=1,64 --input_len=128 --output_len=128 --max_model_len=2048 --max_num_seqs=64 \
-    --max_num_batched_tokens=2048 --attention_backend=pallas --out="$OUT/throughput_pallas.json"
+  for backend in pallas reference; do
+    step "throughput_$backend" 240 python -m tools.benchmark_throughput --shape=llama3-8b \
+      --batch_sizes=1,64 --input_len=128 --output_len=128 --max_model_len=2048 \
+      --max_num_seqs=64 --max_num_batched_tokens=2048 --attention_backend=$backend \
+      --out="$OUT/throughput_$backend.json"
+  done
   step ring_flash 120 python -m tools.check_ring_flash_gpu
   ;;
 serve)

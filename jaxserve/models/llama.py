@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxserve.attention import AttentionMetadata, paged_attention, write_kv
+from jaxserve.attention import AttentionMetadata, KVCache, paged_attention, write_kv
 from jaxserve.config import ModelConfig
 from pallas_kernels.ring_attention import ring_attention
 from sharding.mesh import constrain, token_spec
@@ -175,7 +175,7 @@ class LlamaForCausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, rngs)
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list[KVCache],
                  md: AttentionMetadata, backend: str = "reference", *, mesh=None,
                  ring_prefill: bool = False, routing: list | None = None):
         """input_ids, positions: [T] int32 -> hidden [T, D] and the updated caches.

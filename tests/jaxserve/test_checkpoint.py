@@ -122,7 +122,7 @@ def test_bf16_loading_gives_bf16_params(llama3_f32):
 
 def test_bf16_engine_runs():
     engine = build_engine("llama3", dtype="bfloat16")
-    assert all(c.dtype == jnp.bfloat16 for c in engine.runner.kv_caches)
+    assert all(c.dtype == jnp.bfloat16 for pair in engine.runner.kv_caches for c in pair)
     from jaxserve import SamplingParams
     rid = engine.add_request([1, 5, 9], SamplingParams(temperature=0.0, max_tokens=4,
                                                        ignore_eos=True))

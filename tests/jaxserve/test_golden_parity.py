@@ -41,8 +41,8 @@ def _prefill_logits(graphdef, params, token_ids, n, block_size, backend):
     model = nnx.merge(graphdef, params)
     c = model.config
     num_blocks = PADDED_LEN // block_size
-    caches = [jnp.zeros((2, num_blocks, block_size, c.num_kv_heads, c.head_dim), jnp.float32)
-              for _ in range(c.num_layers)]
+    zeros = lambda: jnp.zeros((num_blocks, block_size, c.num_kv_heads, c.head_dim), jnp.float32)
+    caches = [(zeros(), zeros()) for _ in range(c.num_layers)]
     pos = jnp.arange(PADDED_LEN, dtype=jnp.int32)
     md = AttentionMetadata(
         slot_mapping=jnp.where(pos < n, pos, PADDED_LEN),  # padding writes are dropped

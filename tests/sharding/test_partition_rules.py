@@ -38,7 +38,7 @@ def test_kv_projections_and_cache_replicate_when_kv_heads_do_not_split():
     assert specs["layers.0.self_attn.q_proj.kernel"] == P(None, "tensor")
     assert specs["layers.0.self_attn.v_proj.kernel"] == P(None, None)
     assert kv_cache_spec(num_kv_heads=2, tensor_parallel=4) == P()
-    assert kv_cache_spec(num_kv_heads=8, tensor_parallel=4) == P(None, None, None, "tensor", None)
+    assert kv_cache_spec(num_kv_heads=8, tensor_parallel=4) == P(None, None, "tensor", None)
     assert kv_cache_spec(num_kv_heads=3, tensor_parallel=2) == P()  # does not divide
 
 

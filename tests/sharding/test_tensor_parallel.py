@@ -36,9 +36,9 @@ def test_llama3_golden_greedy_and_logits(parallelism):
 
 
 def test_kv_cache_layout_follows_kv_heads():
-    specs = {tp: engine_for("llama3", tensor_parallel=tp).runner.kv_caches[0].sharding.spec
+    specs = {tp: engine_for("llama3", tensor_parallel=tp).runner.kv_caches[0][0].sharding.spec
              for tp in (2, 4)}
-    assert specs[2] == PartitionSpec(None, None, None, "tensor", None)  # 2 KV heads, 2 devices
+    assert specs[2] == PartitionSpec(None, None, "tensor", None)  # 2 KV heads, 2 devices
     assert all(axis is None for axis in specs[4])  # 2 KV heads, 4 devices: replicated
 
 
