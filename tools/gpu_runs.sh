@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
 # The H100 runs behind docs/BENCHMARKS.md, one stage per device call:
-#   bash tools/gpu_runs.sh check|serve|costs      (results under $OUT, default ./gpu_out)
+#   bash tools/gpu_runs.sh check|serve|offline|policies|costs|ring_flash   (results under $OUT)
 # Each command is timed and logged; a failing command does not stop the stage.
+# The device machine has no internet: if it lacks a server dependency, wheels fetched here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 -d .whl grpcio-health-checking grpcio-reflection \
+#     prometheus_client protobuf grpcio
+# and carried along as .whl/ are installed into a private folder on the PYTHONPATH (the stubs in
+# server/gen/ need grpcio >= 1.85.1; the H100 machine had 1.84.0).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxserve-jax-cache}
 SHAPE8B=tools/model_shapes/llama3-8b
 ENGINE8B="--model=$SHAPE8B --random_weights --max_model_len=2048 --max_num_seqs=64"
+
+if ls .whl/*.whl > /dev/null 2>&1 && \
+    ! python -c "import grpc_health.v1.health, grpc_reflection, prometheus_client,
+server.gen.jaxserve.v1.jaxserve_pb2_grpc" 2> /dev/null; then
+  python -m pip install --quiet --no-deps --target /tmp/jaxserve-extra .whl/*.whl
+  export PYTHONPATH=/tmp/jaxserve-extra${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
@@ -18,7 +31,9 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs to $OUT/
   tail -n 25 "$OUT/$name.log"
 }
 
-case "${1:-}" in
+[ $# -gt 0 ] || set -- usage
+for stage in "$@"; do
+case "$stage" in
 check)
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
   step engine_check 150 python -m tools.check_engine_gpu --out="$OUT/engine_check.json"
@@ -28,19 +43,24 @@ check)
       --max_num_seqs=64 --max_num_batched_tokens=2048 --attention_backend=$backend \
       --out="$OUT/throughput_$backend.json"
   done
-  step ring_flash 120 python -m tools.check_ring_flash_gpu
+  ;;
+ring_flash)
+  step ring_flash 300 python -m tools.check_ring_flash_gpu
   ;;
 serve)
   python -m server $ENGINE8B --max_num_batched_tokens=512 --port=50051 \
     --compilation_cache_dir="$JAX_COMPILATION_CACHE_DIR" > "$OUT/server.log" 2>&1 &
   SERVER=$!
   WORKLOAD="--num_requests=120 --warmup_requests=8 --slo_ttft_ms=1000 --slo_tpot_ms=50"
-  for rate in 2 4 8; do
-    step "serve_rate$rate" 200 python -m tools.benchmark_serving $WORKLOAD --request_rate=$rate \
+  for rate in ${RATES:-2 4 8}; do
+    step "serve_rate$rate" 300 python -m tools.benchmark_serving $WORKLOAD --request_rate=$rate \
       --out_json="$OUT/serve_rate$rate.json" --out_png="$OUT/serve_rate$rate.png"
   done
   kill -TERM $SERVER; wait $SERVER
   tail -n 5 "$OUT/server.log"
+  ;;
+offline)
+  WORKLOAD="--num_requests=120 --warmup_requests=8 --slo_ttft_ms=1000 --slo_tpot_ms=50"
   for rate in 2 4 8; do
     step "offline_rate$rate" 200 python -m tools.benchmark_serving --offline $ENGINE8B \
       --max_num_batched_tokens=512 $WORKLOAD --request_rate=$rate \
@@ -48,18 +68,21 @@ serve)
   done
   ;;
 policies)
-  for policy in fcfs sjf mlfq; do
+  # A burst of 300 requests on 16 sequence slots: a queue forms, so the order matters.
+  for policy in ${POLICIES:-fcfs sjf srpt mlfq}; do
     step "policy_$policy" 200 python -m tools.benchmark_serving --offline $ENGINE8B \
-      --max_num_batched_tokens=512 --scheduling_policy=$policy --num_requests=300 \
-      --warmup_requests=8 --request_rate=16 --out_json="$OUT/policy_$policy.json" --out_png=""
+      --max_num_seqs=16 --max_num_batched_tokens=512 --scheduling_policy=$policy \
+      --num_requests=300 --warmup_requests=8 --request_rate=inf \
+      --out_json="$OUT/policy_$policy.json" --out_png=""
   done
   ;;
 costs)
-  step step_costs 560 python -m tools.measure_step_costs --model=$SHAPE8B --random_weights \
-    --dtype=bfloat16 --tokens=16,64,256,512,1024,2048 --seqs=8,32,128,256 --repeats=5 \
+  step step_costs 440 python -m tools.measure_step_costs --model=$SHAPE8B --random_weights \
+    --dtype=bfloat16 --tokens=16,64,256,1024,2048 --seqs=8,32,128 --repeats=5 \
     --max_model_len=4096 \
     --out="$OUT/h100.json"
   ;;
 *)
-  echo "usage: bash tools/gpu_runs.sh check|serve|policies|costs" >&2; exit 2 ;;
+  echo "usage: bash tools/gpu_runs.sh check|serve|offline|policies|costs|ring_flash" >&2; exit 2 ;;
 esac
+done
