@@ -148,6 +148,10 @@ class EngineConfig:
       max_logprobs: most top-N logprobs a request may ask for.
       max_stop_token_ids: most stop token ids (plus EOS) a request may give; fixed on device.
       scheduling_policy: name of the waiting-queue policy ("fcfs").
+      preemption_mode: what a preempted sequence keeps: "recompute" (nothing: its prompt and
+        outputs run again when readmitted) or "swap" (its KV blocks are copied to host memory and
+        back; recompute when the swap space is full).
+      swap_space_gib: host memory for swapped-out KV blocks, GiB ("swap" mode only).
       seed: seeds the per-request sampling seeds of requests that give none.
       tensor_parallel, sequence_parallel, expert_parallel, data_parallel: devices along each
         axis of the mesh (docs/SHARDING.md); their product is the number of devices used.
@@ -168,6 +172,8 @@ class EngineConfig:
     max_logprobs: int = 20
     max_stop_token_ids: int = 16
     scheduling_policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+    swap_space_gib: float = 4.0
     seed: int = 0
     tensor_parallel: int = 1
     sequence_parallel: int = 1
@@ -199,6 +205,11 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "pallas", "reference"):
             raise ValueError("EngineConfig.attention_backend must be 'auto', 'pallas' or "
                              f"'reference', got {self.attention_backend!r}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError("EngineConfig.preemption_mode must be 'recompute' or 'swap', got "
+                             f"{self.preemption_mode!r}")
+        if not (isinstance(self.swap_space_gib, (int, float)) and self.swap_space_gib >= 0):
+            raise ValueError(f"EngineConfig.swap_space_gib must be >= 0, got {self.swap_space_gib!r}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
 

@@ -53,6 +53,9 @@ class EngineStats:
     num_preemptions: int
     num_generated_tokens: int
     num_prompt_tokens_computed: int
+    num_swap_outs: int = 0  # preemptions that swapped to host memory (the others recomputed)
+    num_swap_slots: int = 0  # host slots for swapped-out blocks (preemption_mode "swap")
+    num_free_swap_slots: int = 0
 
 
 class Engine:
@@ -74,7 +77,8 @@ class Engine:
                                   progress, mesh=mesh)
         self.kv_cache = KVCacheManager(self.runner.num_kv_blocks, self.config.block_size,
                                        self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, self.kv_cache, make_policy(self.config.scheduling_policy))
+        self.scheduler = Scheduler(self.config, self.kv_cache, make_policy(self.config.scheduling_policy),
+                                   num_swap_slots=self.runner.num_swap_slots)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -170,6 +174,8 @@ class Engine:
             rows = self.runner.execute(sched)
         except Exception:  # a failed step: every request in it ends with "error", the engine goes on
             logger.exception("step failed; finishing its %d sequences with an error", len(sched.scheduled))
+            for seq in sched.preempted:  # their swap-out may not have happened: recompute them
+                self.scheduler.drop_swapped(seq)
             for item in sched.scheduled:
                 for seq in (item.seq, *item.forks):
                     if not seq.is_finished:
@@ -280,7 +286,9 @@ class Engine:
             kv_cache_usage=self.kv_cache.usage, prefix_cache_hit_rate=self.kv_cache.prefix_hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
             num_generated_tokens=self.num_generated_tokens,
-            num_prompt_tokens_computed=self.num_prompt_tokens_computed)
+            num_prompt_tokens_computed=self.num_prompt_tokens_computed,
+            num_swap_outs=self.scheduler.num_swap_outs, num_swap_slots=self.scheduler.swap.num_slots,
+            num_free_swap_slots=self.scheduler.swap.num_free_slots)
 
 
 def _metrics(req: _Request) -> RequestMetrics:

@@ -22,6 +22,11 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and act
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "pallas", "reference"],
                   "auto: Pallas kernels on GPU/TPU, the pure-JAX reference on CPU.")
 flags.DEFINE_string("scheduling_policy", "fcfs", "Waiting-queue policy.")
+flags.DEFINE_enum("preemption_mode", "recompute", ["recompute", "swap"],
+                  "What a preempted sequence keeps: nothing (recompute) or its KV blocks, copied "
+                  "to host memory (swap; recompute when the swap space is full).")
+flags.DEFINE_float("swap_space_gib", 4.0,
+                   "Host memory for swapped-out KV blocks (--preemption_mode=swap).")
 flags.DEFINE_integer("seed", 0, "Seeds the sampling of requests that give no seed.")
 # Parallelism (docs/SHARDING.md).
 for _axis, _help in (("tensor", "attention heads, MLP columns, vocabulary and KV heads"),
@@ -50,7 +55,8 @@ def engine_config_from_flags() -> EngineConfig:
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         enable_chunked_prefill=FLAGS.enable_chunked_prefill, dtype=FLAGS.dtype,
         attention_backend=FLAGS.attention_backend, scheduling_policy=FLAGS.scheduling_policy,
-        seed=FLAGS.seed, tensor_parallel=FLAGS.tensor_parallel, data_parallel=FLAGS.data_parallel,
+        preemption_mode=FLAGS.preemption_mode, swap_space_gib=FLAGS.swap_space_gib, seed=FLAGS.seed,
+        tensor_parallel=FLAGS.tensor_parallel, data_parallel=FLAGS.data_parallel,
         sequence_parallel=FLAGS.sequence_parallel, expert_parallel=FLAGS.expert_parallel,
         sequence_parallel_threshold=FLAGS.sequence_parallel_threshold)
 

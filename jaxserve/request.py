@@ -19,7 +19,8 @@ class Sequence:
 
     `num_computed_tokens` counts the tokens whose K/V are in the cache. The tokens still to run
     are `token_ids[num_computed_tokens:]`: the rest of the prompt during prefill, the last
-    sampled token during decode, everything again after a recompute preemption.
+    sampled token during decode, everything again after a recompute preemption (a swap preemption
+    keeps `num_computed_tokens`: its blocks come back from host memory).
     """
 
     seq_id: int
@@ -38,6 +39,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # While swapped out (preemption_mode "swap"): the host slots holding the K/V of its first
+    # num_computed_tokens tokens, block by block.
+    swap_slots: list[int] = dataclasses.field(default_factory=list)
     # When n > 1: the other samples, forked from this sequence when its prompt is done.
     fork_children: list["Sequence"] = dataclasses.field(default_factory=list)
     first_scheduled_time: float | None = None

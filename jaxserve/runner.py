@@ -34,6 +34,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.request import Sequence
 from jaxserve.sampler import PenaltyMetadata, SamplerOutput, SamplingMetadata, sample
 from jaxserve.scheduler import ScheduledSeq, SchedulerOutput
+from jaxserve.swap import HostKVStore
 from sharding import distributed
 from sharding.mesh import (TOKEN_AXES, MeshShape, axis_size, constrain, make_mesh, replicated,
                            round_up)
@@ -146,6 +147,7 @@ class ModelRunner:
         shape = (self.num_kv_blocks, config.block_size, m.num_kv_heads, m.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.kv_sharding)
         self.kv_caches = [(zeros(), zeros()) for _ in range(m.num_layers)]  # (keys, values)
+        self.host_kv = self._host_kv_store()  # None unless preemption_mode is "swap"
         # Every token bucket splits evenly over the token shards (data x sequence).
         token_shards = axis_size(self.mesh, TOKEN_AXES)
         self.token_buckets = sorted({round_up(t, token_shards)
@@ -175,6 +177,23 @@ class ModelRunner:
         self.total_expert_load: np.ndarray | None = None
         if precompile:
             self.compile_all(progress)
+
+    def _host_kv_store(self) -> HostKVStore | None:
+        c = self.config
+        if c.preemption_mode != "swap":
+            return None
+        if jax.process_count() > 1:
+            raise ValueError("EngineConfig.preemption_mode 'swap' runs in one process only; use "
+                             "'recompute' for multi-host runs")
+        per_block = kv_block_bytes(self.model_config, c.block_size, self.dtype)
+        num_slots = int(c.swap_space_gib * (1 << 30)) // per_block
+        if num_slots == 0:
+            return None
+        return HostKVStore(num_slots, self.kv_caches, self.kv_sharding, c.max_blocks_per_seq)
+
+    @property
+    def num_swap_slots(self) -> int:
+        return 0 if self.host_kv is None else self.host_kv.data.shape[0]
 
     def _ring_buckets(self) -> list[int]:
         """Prompt lengths (padded) that the ring-attention prefill is compiled for; none when
@@ -225,6 +244,8 @@ class ModelRunner:
         keys += [("sample", s, p) for s in self.seq_buckets for p in (False, True)]
         for key in tqdm(keys, desc="compiling step buckets", disable=not progress):
             self._compiled(key)
+        if self.host_kv is not None:
+            self.host_kv.compile_all(self.kv_caches)
 
     def _compiled(self, key: tuple):
         if key not in self.compiled:
@@ -263,11 +284,16 @@ class ModelRunner:
         return sampling
 
     def execute(self, out: SchedulerOutput) -> list[SampledRow]:
-        """Runs one step; returns one row per sampled sequence (forks included).
+        """Runs one step; returns one row per sampled sequence (forks included). Swap copies
+        (preemption_mode "swap") come first: out, then in.
 
         Whole long prompts (see `_ring_eligible`) run each as its own ring-attention prefill,
         after the rest of the step (which carries the copy-on-write copies) as one ragged batch.
         """
+        if out.swap_out:  # before anything reuses the freed blocks
+            self.host_kv.swap_out(self.kv_caches, out.swap_out)
+        if out.swap_in:
+            self.kv_caches = self.host_kv.swap_in(self.kv_caches, out.swap_in)
         ring = [item for item in out.scheduled if self._ring_eligible(item)]
         rest = [item for item in out.scheduled if not self._ring_eligible(item)]
         pending = []

@@ -4,8 +4,11 @@ Once per step, `schedule()` decides which sequences run and how many of their to
 running sequences first, in admission order (a decode takes one token, an unfinished prefill
 takes the next chunk), then waiting sequences in the policy's order, all within the token budget
 (`max_num_batched_tokens`) and the sequence budget (`max_num_seqs`). When KV blocks run out it
-preempts by recompute: the victim's blocks are freed (full ones stay in the prefix cache) and it
-returns to the waiting queue to run its prompt and outputs again later. A preemptive policy
+preempts: by recompute, the victim's blocks are freed (full ones stay in the prefix cache) and it
+returns to the waiting queue to run its prompt and outputs again later; by swap
+(`preemption_mode="swap"`), its blocks are first listed for copying to host slots (jaxserve/swap.py),
+and when readmitted it gets fresh blocks that are filled back from them, keeping its progress.
+Swap falls back to recompute when the host slots run out. A preemptive policy
 (srpt, mlfq) may also have running sequences give way, at the start of a step, to the first
 waiting one when that one cannot start for want of a sequence slot or KV blocks.
 
@@ -21,6 +24,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.kv_cache import KVCacheManager
 from jaxserve.request import Sequence, SequenceStatus
 from jaxserve.scheduling_policy import SchedulingPolicy
+from jaxserve.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     block_copies: list[tuple[int, int]]  # (src, dst) blocks to copy before the step writes
     preempted: list[Sequence]
+    # Made before the step, swap-outs first: (device block, host slot) and (host slot, device block).
+    swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -46,12 +53,14 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        """Nothing to run; a swap-out alone must still run, before its blocks are reused."""
+        return not self.scheduled and not self.swap_out
 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, kv_cache: KVCacheManager, policy: SchedulingPolicy,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, num_swap_slots: int = 0):
+        """num_swap_slots: host slots for swapped-out blocks (preemption_mode "swap")."""
         self.config = config
         self.kv_cache = kv_cache
         self.policy = policy
@@ -59,6 +68,11 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # admission order; the newest is last
         self.num_preemptions = 0
+        self.num_swap_outs = 0  # preemptions that swapped (the rest recomputed)
+        self.swap = SwapSpace(num_swap_slots if config.preemption_mode == "swap" else 0)
+        self._swap_out: list[tuple[int, int]] = []  # this step's copies
+        self._swap_in: list[tuple[int, int]] = []
+        self._slots_read_this_step: list[int] = []  # freed at the next schedule()
         self.rejected: list[Sequence] = []  # finished by the scheduler itself, not yet reported
 
     def add(self, seq: Sequence) -> None:
@@ -71,6 +85,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
+        self.swap.free(self._slots_read_this_step)  # the last step's swap-ins have run
+        self._slots_read_this_step = []
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted = self._yield_to_waiting(now)
@@ -101,7 +117,10 @@ class Scheduler:
         if not scheduled and self.waiting and not self.running:
             self._reject_unfittable(now)
         self.policy.on_scheduled(scheduled)
-        return SchedulerOutput(scheduled, self.kv_cache.take_pending_copies(), preempted)
+        out = SchedulerOutput(scheduled, self.kv_cache.take_pending_copies(), preempted,
+                              self._swap_out, self._swap_in)
+        self._swap_out, self._swap_in = [], []
+        return out
 
     def _yield_to_waiting(self, now: float) -> list[Sequence]:
         """Preempts running sequences that the policy ranks below the first waiting one, while
@@ -130,8 +149,11 @@ class Scheduler:
             slots = 1 + len(seq.fork_children)
             if budget <= 0 or len(self.running) + slots > self.config.max_num_seqs:
                 break
-            cached = self.kv_cache.find_cached_prefix(seq) if not seq.block_table else []
-            num_computed = len(cached) * self.kv_cache.block_size
+            if seq.swap_slots:  # swapped out: its computed tokens come back from host memory
+                cached, num_computed = [], seq.num_computed_tokens
+            else:
+                cached = self.kv_cache.find_cached_prefix(seq) if not seq.block_table else []
+                num_computed = len(cached) * self.kv_cache.block_size
             remaining = seq.num_tokens - num_computed
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
@@ -141,6 +163,10 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             seq.num_computed_tokens = num_computed
+            if seq.swap_slots:
+                self._swap_in += zip(seq.swap_slots, seq.block_table)
+                self._slots_read_this_step += seq.swap_slots
+                seq.swap_slots = []
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
                 seq.num_cached_prompt_tokens = min(num_computed, seq.num_prompt_tokens)
@@ -166,12 +192,18 @@ class Scheduler:
         return item
 
     def _preempt(self, seq: Sequence) -> None:
-        # Recompute preemption. Swap preemption would branch here: keep the blocks' contents by
-        # listing (device block, host slot) copies in SchedulerOutput for the runner to make before
-        # the step, keep num_computed_tokens, and copy them back when the sequence is readmitted.
         self.running.remove(seq)
+        # Swap: the blocks holding its computed tokens go to host slots (copied before this
+        # step, which may hand the freed blocks to others). When the slots run out: recompute.
+        num_blocks = -(-seq.num_computed_tokens // self.kv_cache.block_size)
+        slots = self.swap.allocate(num_blocks) if self.swap.num_slots and num_blocks else None
+        if slots is not None:
+            self._swap_out += zip(seq.block_table[:num_blocks], slots)
+            seq.swap_slots = slots
+            self.num_swap_outs += 1
         self.kv_cache.free(seq)
-        seq.num_computed_tokens = 0
+        if slots is None:
+            seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
@@ -184,6 +216,7 @@ class Scheduler:
         logger.warning("request %s needs more KV blocks than the cache has; finishing it",
                        head.request_id)
         self.waiting.remove(head)
+        self.drop_swapped(head)
         for seq in [head, *head.fork_children]:
             seq.finish("length")
             self.policy.on_finish(seq)
@@ -200,8 +233,17 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv_cache.free(seq)
+        self.drop_swapped(seq)
         seq.finish(reason)
         self.policy.on_finish(seq)
+
+    def drop_swapped(self, seq: Sequence) -> None:
+        """Forgets a sequence's swapped-out blocks (it ends, or their copy failed): frees the
+        host slots; a sequence still waiting will recompute."""
+        if seq.swap_slots:
+            self.swap.free(seq.swap_slots)
+            seq.swap_slots = []
+            seq.num_computed_tokens = 0
 
     def on_step_done(self, output: SchedulerOutput) -> None:
         for item in output.scheduled:
