@@ -185,7 +185,12 @@ def run_offline() -> tuple[list[serving_stats.RequestRecord], dict]:
              "max_model_len": engine.config.max_model_len,
              "limits": {k: getattr(engine.config, k) for k in (
                  "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
-                 "enable_chunked_prefill")} | {"num_kv_blocks": engine.kv_cache.num_blocks}}
+                 "enable_chunked_prefill", "preemption_mode")} | {
+                     "num_kv_blocks": engine.kv_cache.num_blocks},
+             "engine_stats": dataclasses.asdict(engine.stats())}
+    stats = model["engine_stats"]
+    print(f"engine: {stats['num_preemptions']} preemptions ({stats['num_swap_outs']} by swap), "
+          f"{stats['num_prompt_tokens_computed']} prompt tokens computed")
     return records, model
 
 

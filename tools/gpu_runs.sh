@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 runs behind docs/BENCHMARKS.md, one stage per device call:
-#   bash tools/gpu_runs.sh check|serve|offline|policies|costs|ring_flash   (results under $OUT)
+#   bash tools/gpu_runs.sh check|serve|offline|policies|swap|costs|ring_flash   (results under $OUT)
 # Each command is timed and logged; a failing command does not stop the stage.
 # The device machine has no internet: if it lacks a server dependency, wheels fetched here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -76,6 +76,18 @@ policies)
       --out_json="$OUT/policy_$policy.json" --out_png=""
   done
   ;;
+swap)
+  # Preemption on the GPU: golden tokens under a tiny cache, recompute and swap; then the 8B
+  # burst on a KV cache too small for it (1,024 blocks of 16 tokens), recompute against swap.
+  step swap_check 200 python -m tools.check_engine_gpu --families=llama3,mixtral --backends=pallas \
+    --preemption_modes=recompute,swap --num_kv_blocks=32 --copies=4 --out="$OUT/swap_check.json"
+  for mode in recompute swap; do
+    step "preempt_$mode" 200 python -m tools.benchmark_serving --offline $ENGINE8B \
+      --max_num_batched_tokens=512 --num_kv_blocks=1024 --preemption_mode=$mode \
+      --num_requests=200 --warmup_requests=8 --request_rate=inf \
+      --out_json="$OUT/preempt_$mode.json" --out_png=""
+  done
+  ;;
 costs)
   step step_costs 440 python -m tools.measure_step_costs --model=$SHAPE8B --random_weights \
     --dtype=bfloat16 --tokens=16,64,256,1024,2048 --seqs=8,32,128 --repeats=5 \
@@ -83,6 +95,6 @@ costs)
     --out="$OUT/h100.json"
   ;;
 *)
-  echo "usage: bash tools/gpu_runs.sh check|serve|offline|policies|costs|ring_flash" >&2; exit 2 ;;
+  echo "usage: bash tools/gpu_runs.sh check|serve|offline|policies|swap|costs|ring_flash" >&2; exit 2 ;;
 esac
 done
