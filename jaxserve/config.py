@@ -208,8 +208,9 @@ class EngineConfig:
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError("EngineConfig.preemption_mode must be 'recompute' or 'swap', got "
                              f"{self.preemption_mode!r}")
-        if not (isinstance(self.swap_space_gib, (int, float)) and self.swap_space_gib >= 0):
-            raise ValueError(f"EngineConfig.swap_space_gib must be >= 0, got {self.swap_space_gib!r}")
+        if (isinstance(self.swap_space_gib, bool) or not isinstance(self.swap_space_gib, (int, float))
+                or not 0 <= self.swap_space_gib < math.inf):
+            raise ValueError(f"EngineConfig.swap_space_gib must be >= 0, got {self.swap_space_gib!r} (a finite number of GiB)")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
 

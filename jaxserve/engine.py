@@ -54,6 +54,7 @@ class EngineStats:
     num_generated_tokens: int
     num_prompt_tokens_computed: int
     num_swap_outs: int = 0  # preemptions that swapped to host memory (the others recomputed)
+    num_swap_ins: int = 0  # readmissions of swapped-out sequences
     num_swap_slots: int = 0  # host slots for swapped-out blocks (preemption_mode "swap")
     num_free_swap_slots: int = 0
 
@@ -287,8 +288,9 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_generated_tokens=self.num_generated_tokens,
             num_prompt_tokens_computed=self.num_prompt_tokens_computed,
-            num_swap_outs=self.scheduler.num_swap_outs, num_swap_slots=self.scheduler.swap.num_slots,
-            num_free_swap_slots=self.scheduler.swap.num_free_slots)
+            num_swap_outs=self.scheduler.num_swap_outs, num_swap_ins=self.scheduler.num_swap_ins,
+            num_swap_slots=self.scheduler.swap.num_slots,
+            num_free_swap_slots=self.scheduler.num_free_swap_slots)
 
 
 def _metrics(req: _Request) -> RequestMetrics:

@@ -292,8 +292,11 @@ class ModelRunner:
         """
         if out.swap_out:  # before anything reuses the freed blocks
             self.host_kv.swap_out(self.kv_caches, out.swap_out)
+        # Swap-ins fill only blocks just allocated to their sequences, never a copy-on-write
+        # source (read by the step): such a block is still held by another sequence.
         if out.swap_in:
-            self.kv_caches = self.host_kv.swap_in(self.kv_caches, out.swap_in)
+            for self.kv_caches in self.host_kv.swap_in(self.kv_caches, out.swap_in):
+                pass
         ring = [item for item in out.scheduled if self._ring_eligible(item)]
         rest = [item for item in out.scheduled if not self._ring_eligible(item)]
         pending = []

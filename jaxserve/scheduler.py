@@ -69,6 +69,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order; the newest is last
         self.num_preemptions = 0
         self.num_swap_outs = 0  # preemptions that swapped (the rest recomputed)
+        self.num_swap_ins = 0  # readmissions of swapped sequences
+        self._swapped_now: set[int] = set()  # seq ids swapped out in this step
         self.swap = SwapSpace(num_swap_slots if config.preemption_mode == "swap" else 0)
         self._swap_out: list[tuple[int, int]] = []  # this step's copies
         self._swap_in: list[tuple[int, int]] = []
@@ -87,6 +89,7 @@ class Scheduler:
         now = self.clock()
         self.swap.free(self._slots_read_this_step)  # the last step's swap-ins have run
         self._slots_read_this_step = []
+        self._swapped_now.clear()
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted = self._yield_to_waiting(now)
@@ -149,12 +152,14 @@ class Scheduler:
             slots = 1 + len(seq.fork_children)
             if budget <= 0 or len(self.running) + slots > self.config.max_num_seqs:
                 break
-            if seq.swap_slots:  # swapped out: its computed tokens come back from host memory
-                cached, num_computed = [], seq.num_computed_tokens
-            else:
-                cached = self.kv_cache.find_cached_prefix(seq) if not seq.block_table else []
-                num_computed = len(cached) * self.kv_cache.block_size
+            if seq.seq_id in self._swapped_now:
+                continue  # swapped out in this very step: no round trip
+            cached = self.kv_cache.find_cached_prefix(seq) if not seq.block_table else []
+            num_computed = len(cached) * self.kv_cache.block_size
+            if seq.swap_slots:  # swapped out: the blocks past the cached prefix come back
+                num_computed = max(num_computed, seq.num_computed_tokens)
             remaining = seq.num_tokens - num_computed
+            assert remaining > 0, (seq.request_id, seq.num_tokens, num_computed)
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
             num_tokens = min(remaining, budget)
@@ -163,10 +168,11 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             seq.num_computed_tokens = num_computed
-            if seq.swap_slots:
-                self._swap_in += zip(seq.swap_slots, seq.block_table)
+            if seq.swap_slots:  # slot i holds block i; cached blocks need no copy
+                self._swap_in += zip(seq.swap_slots[len(cached):], seq.block_table[len(cached):])
                 self._slots_read_this_step += seq.swap_slots
                 seq.swap_slots = []
+                self.num_swap_ins += 1
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
                 seq.num_cached_prompt_tokens = min(num_computed, seq.num_prompt_tokens)
@@ -200,6 +206,7 @@ class Scheduler:
         if slots is not None:
             self._swap_out += zip(seq.block_table[:num_blocks], slots)
             seq.swap_slots = slots
+            self._swapped_now.add(seq.seq_id)
             self.num_swap_outs += 1
         self.kv_cache.free(seq)
         if slots is None:
@@ -236,6 +243,11 @@ class Scheduler:
         self.drop_swapped(seq)
         seq.finish(reason)
         self.policy.on_finish(seq)
+
+    @property
+    def num_free_swap_slots(self) -> int:
+        """Free host slots, counting those whose swap-in has run (returned at the next step)."""
+        return self.swap.num_free_slots + len(self._slots_read_this_step)
 
     def drop_swapped(self, seq: Sequence) -> None:
         """Forgets a sequence's swapped-out blocks (it ends, or their copy failed): frees the

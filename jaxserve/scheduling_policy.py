@@ -122,7 +122,8 @@ class SJFPolicy(SchedulingPolicy):
 class SRPTPolicy(SchedulingPolicy):
     """Shortest remaining predicted output first. A newcomer that cannot start preempts a
     running sequence whose remaining length is more than `preempt_ratio` times its own
-    (recompute: the victim's full blocks stay in the prefix cache). A sequence that outlives its
+    (by recompute, its full blocks stay in the prefix cache; by swap, its blocks wait in host
+    memory: EngineConfig.preemption_mode). A sequence that outlives its
     prediction is assumed to need as many tokens again as it has produced."""
 
     name = "srpt"
@@ -162,7 +163,7 @@ class MLFQPolicy(SchedulingPolicy):
     covers its weighted prompt; it drops a level each time it uses up its level's quantum.
     Lower levels run first (FCFS within a level). With `preempt`, a newcomer that cannot start
     preempts a running sequence on a worse level; that costs the victim a re-prefill (recompute
-    preemption), which is cheap on an accelerator but costly where any prefill token makes a
+    preemption; or copies to host memory and back, with preemption_mode "swap"), which is cheap on an accelerator but costly where any prefill token makes a
     step much dearer (the CPU step table), so it is off by default and levels then order
     admission only. Against starvation, a sequence that has waited `promotion_period_s` since it
     last ran (or arrived) is promoted to level 0, and again after every further period."""

@@ -21,6 +21,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 
+MAX_COPY_BLOCKS = 64
+
+
 class SwapSpace:
     """Host slots for swapped-out KV blocks: a free list and a capacity."""
 
@@ -76,7 +79,9 @@ class HostKVStore:
         self.num_device_blocks = num_blocks
         self.data = np.empty((num_slots, len(kv_caches), 2, block_size, kv_heads, head_dim),
                              keys.dtype)
-        self.buckets = swap_bucket_sizes(max(1, min(max_blocks, num_slots)))
+        # Copies move at most MAX_COPY_BLOCKS at once (more go in chunks), which bounds the
+        # device memory of the gathered or scattered blocks.
+        self.buckets = swap_bucket_sizes(max(1, min(max_blocks, num_slots, MAX_COPY_BLOCKS)))
         cache_shardings = [(kv_sharding, kv_sharding)] * len(kv_caches)
         repl = NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec())
         self._gather = jax.jit(_gather, in_shardings=(cache_shardings, repl), out_shardings=repl)
@@ -119,8 +124,9 @@ class HostKVStore:
             self.data[slots] = np.moveaxis(blocks[:, :, :len(chunk)], 2, 0)
 
     def swap_in(self, kv_caches, pairs: list[tuple[int, int]]):
-        """Copies host slots to device blocks: pairs of (host slot, device block). Donates and
-        returns the caches."""
+        """Copies host slots to device blocks: pairs of (host slot, device block). Each chunk's
+        copy donates the caches: yields the new ones after every chunk, for the caller to keep
+        (so a failure midway leaves it holding live arrays)."""
         for chunk, n in self._chunks(pairs):
             idx = np.full(n, self.num_device_blocks, np.int32)  # padding rows are dropped
             idx[:len(chunk)] = [block for _, block in chunk]
@@ -128,4 +134,4 @@ class HostKVStore:
             blocks[:len(chunk)] = self.data[[slot for slot, _ in chunk]]
             kv_caches = self._compiled("in", n, kv_caches)(kv_caches, idx,
                                                            np.moveaxis(blocks, 0, 2))
-        return kv_caches
+            yield kv_caches

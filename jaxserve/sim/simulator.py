@@ -81,6 +81,9 @@ class Simulator:
         config.num_kv_blocks, else enough for max_num_seqs full-length sequences."""
         if config.max_model_len is None:
             raise ValueError("Simulator: EngineConfig.max_model_len must be set")
+        if config.preemption_mode != "recompute":
+            raise ValueError("Simulator: EngineConfig.preemption_mode must be 'recompute' (the "
+                             "step-cost table has no cost for swap copies)")
         self.config = config
         self.num_kv_blocks = (num_kv_blocks or config.num_kv_blocks
                               or config.max_num_seqs * config.max_blocks_per_seq)

@@ -20,20 +20,22 @@ from tests.jaxserve.test_engine_consistency import PROMPTS, generate
 from tests.jaxserve.test_scheduler import BLOCK_SIZE, make_seq, step
 
 
-def make_swap_scheduler(num_blocks, num_slots, budget=16):
-    config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=budget, block_size=BLOCK_SIZE,
-                          preemption_mode="swap")
-    return Scheduler(config, KVCacheManager(num_blocks, BLOCK_SIZE), FCFSPolicy(),
-                     num_swap_slots=num_slots)
+def three_in_three_blocks(num_slots, mode="swap"):
+    """3 blocks of 4 tokens, filled by three 4-token prompts after one step: at the next step
+    each needs a second block and two are preempted."""
+    config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, block_size=BLOCK_SIZE,
+                          preemption_mode=mode)
+    sched = Scheduler(config, KVCacheManager(3, BLOCK_SIZE), FCFSPolicy(),
+                      num_swap_slots=num_slots)
+    seqs = make_seq(4), make_seq(4, start=10), make_seq(4, start=20)
+    for seq in seqs:
+        sched.add(seq)
+    step(sched)
+    return sched, seqs
 
 
 def test_swap_out_keeps_progress_and_swap_in_refills_fresh_blocks():
-    # 3 blocks of 4 tokens; three 4-token prompts take one block each (as in test_scheduler).
-    sched = make_swap_scheduler(num_blocks=3, num_slots=4)
-    a, b, c = make_seq(4), make_seq(4, start=10), make_seq(4, start=20)
-    for seq in (a, b, c):
-        sched.add(seq)
-    step(sched)
+    sched, (a, b, c) = three_in_three_blocks(num_slots=4)
     c_block, b_block = c.block_table[0], b.block_table[0]
 
     out = step(sched)  # each needs a second block: c, then b, are preempted, by swap
@@ -47,28 +49,42 @@ def test_swap_out_keeps_progress_and_swap_in_refills_fresh_blocks():
 
     sched.finish(a, "stop")  # frees 2 blocks
     out = step(sched)
-    # b comes back first (FCFS): fresh blocks, its slot copied into the first; only its 5th
-    # token runs. c needs 2 blocks too and only 1 is left.
+    # b comes back first (FCFS). Its full block, freed after c's, is still in the prefix cache:
+    # it is taken from there and nothing is copied back; only b's 5th token runs.
     (item,) = out.scheduled
     assert (item.seq, item.start, item.num_tokens) == (b, 4, 1)
-    assert out.swap_in == [(1, b.block_table[0])] and out.swap_out == []
-    assert b.swap_slots == []
-    assert sched.swap.num_free_slots == 2  # slot 1 is read during this step: not free yet
-    step(sched)
-    assert sched.swap.num_free_slots == 3  # ... and free at the next one
-
-    sched.finish(c, "abort")  # a swapped-out sequence that ends gives its slots back
-    assert c.swap_slots == [] and sched.swap.num_free_slots == 4
+    assert b.block_table[0] == b_block and out.swap_in == [] and out.swap_out == []
+    assert b.swap_slots == [] and sched.num_swap_ins == 1
+    assert sched.swap.num_free_slots == 2  # slot 1 is given back at the next step
+    assert sched.num_free_swap_slots == 3  # (and counted as free already)
     sched.finish(b, "stop")
+    out = step(sched)
+    assert sched.swap.num_free_slots == 3
+    # c's block was evicted for a's second block: it comes back from its host slot, into a
+    # fresh block, then its 5th token runs.
+    (item,) = out.scheduled
+    assert (item.seq, item.start, item.num_tokens) == (c, 4, 1)
+    assert out.swap_in == [(0, c.block_table[0])]
+    step(sched)
+    assert sched.swap.num_free_slots == 4
+
+    sched.finish(c, "stop")
     assert sched.kv_cache.num_free_blocks == sched.kv_cache.num_blocks
 
 
-def test_swap_falls_back_to_recompute_when_host_slots_run_out():
-    sched = make_swap_scheduler(num_blocks=3, num_slots=1)
-    a, b, c = make_seq(4), make_seq(4, start=10), make_seq(4, start=20)
-    for seq in (a, b, c):
-        sched.add(seq)
+def test_a_swapped_sequence_that_ends_gives_its_slots_back():
+    sched, (a, b, c) = three_in_three_blocks(num_slots=4)
     step(sched)
+    assert c.swap_slots == [0]
+    sched.finish(c, "abort")
+    assert c.swap_slots == [] and sched.swap.num_free_slots == 3
+    sched.drop_swapped(b)  # as the engine does when the step that swapped b out failed
+    assert b.swap_slots == [] and b.num_computed_tokens == 0  # b will recompute
+    assert sched.swap.num_free_slots == 4
+
+
+def test_swap_falls_back_to_recompute_when_host_slots_run_out():
+    sched, (a, b, c) = three_in_three_blocks(num_slots=1)
     out = step(sched)
     assert out.preempted == [c, b]
     assert len(out.swap_out) == 1 and c.swap_slots == [0]  # c took the only slot
@@ -77,11 +93,7 @@ def test_swap_falls_back_to_recompute_when_host_slots_run_out():
 
 
 def test_recompute_mode_never_swaps():
-    config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, block_size=BLOCK_SIZE)
-    sched = Scheduler(config, KVCacheManager(3, BLOCK_SIZE), FCFSPolicy(), num_swap_slots=8)
-    for seq in (make_seq(4), make_seq(4, start=10), make_seq(4, start=20)):
-        sched.add(seq)
-    step(sched)
+    sched, _ = three_in_three_blocks(num_slots=8, mode="recompute")
     out = step(sched)
     assert len(out.preempted) == 2 and out.swap_out == [] and sched.swap.num_slots == 0
 
@@ -98,7 +110,9 @@ def test_swap_space_bookkeeping():
 
 
 @pytest.mark.parametrize("field,value", [("preemption_mode", "disk"), ("swap_space_gib", -1.0),
-                                         ("swap_space_gib", float("nan"))])
+                                         ("swap_space_gib", float("nan")),
+                                         ("swap_space_gib", float("inf")),
+                                         ("swap_space_gib", True)])
 def test_bad_swap_config_is_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: value})
@@ -123,7 +137,8 @@ def test_host_store_round_trips_blocks_through_host_memory():
             np.testing.assert_array_equal(store.data[slot, layer, 1], v[block])
 
     back = [(5, 10), (1, 2), (0, 6)]  # 3 blocks: one chunk padded to 4
-    caches = store.swap_in(caches, back)
+    for caches in store.swap_in(caches, back):
+        pass
     for layer, (k, v) in enumerate(layers):
         want_k, want_v = k.copy(), v.copy()
         for slot, block in back:
@@ -159,7 +174,7 @@ def test_swap_preemption_gives_the_same_greedy_tokens(unpreempted, recompute_run
     compiled = dict(engine.runner.host_kv.compiled)
     assert generate(engine, PROMPTS) == unpreempted == recompute_run[0]
     stats = engine.stats()
-    assert stats.num_swap_outs == stats.num_preemptions > 0
+    assert stats.num_swap_outs == stats.num_swap_ins == stats.num_preemptions > 0
     assert stats.num_free_swap_slots == stats.num_swap_slots > 0  # host memory all given back
     assert stats.num_free_blocks == stats.num_kv_blocks
     # Swapped sequences kept their K/V: fewer prompt tokens ran than with recompute.
