@@ -2,6 +2,8 @@
 cache and host memory, and the engine's greedy outputs with swapping (and its fallback to
 recompute) against each prompt run alone."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from jaxserve.kv_cache import KVCacheManager
 from jaxserve.runner import kv_block_bytes
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
-from jaxserve.scheduling_policy import FCFSPolicy
+from jaxserve.scheduling_policy import FCFSPolicy, MLFQPolicy
 from jaxserve.swap import HostKVStore, SwapSpace
 from sharding.mesh import MeshShape, make_mesh
 from tests.conftest import build_engine
@@ -194,3 +196,17 @@ def test_swap_with_too_few_host_slots_mixes_in_recompute():
     stats = engine.stats()
     assert 0 < stats.num_swap_outs < stats.num_preemptions
     assert stats.num_free_swap_slots == 6
+
+
+def test_swap_under_a_preemptive_policy(unpreempted):
+    # Preemptive MLFQ with tiny quanta: newcomers preempt demoted sequences at the start of a
+    # step (then admission runs in the same step), on top of the preemptions for want of blocks.
+    engine = build_engine(max_num_seqs=3, num_kv_blocks=40, preemption_mode="swap",
+                          swap_space_gib=0.01)
+    engine.scheduler.policy = MLFQPolicy(base_quantum=4, quantum_ratio=2, prompt_token_weight=0.25,
+                                         promotion_period_s=math.inf, preempt=True)
+    assert generate(engine, PROMPTS) == unpreempted
+    stats = engine.stats()
+    assert stats.num_swap_outs == stats.num_swap_ins == stats.num_preemptions > 1
+    assert stats.num_free_swap_slots == stats.num_swap_slots
+    assert stats.num_free_blocks == stats.num_kv_blocks
