@@ -43,10 +43,15 @@ class _EngineStatsCollector:
                 ("jaxserve_num_free_kv_blocks", "KV cache blocks free or reusable",
                  stats.num_free_blocks),
                 ("jaxserve_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
-                 stats.prefix_cache_hit_rate)):
+                 stats.prefix_cache_hit_rate),
+                ("jaxserve_num_free_swap_slots",
+                 "Host memory slots free for swapped-out KV blocks (--preemption_mode=swap)",
+                 stats.num_free_swap_slots)):
             yield GaugeMetricFamily(name, doc, value=value)
         for name, doc, value in (
                 ("jaxserve_preemptions", "Sequences preempted", stats.num_preemptions),
+                ("jaxserve_swap_outs", "Preempted sequences swapped to host memory (the others "
+                 "recompute)", stats.num_swap_outs),
                 ("jaxserve_generation_tokens", "Tokens sampled", stats.num_generated_tokens),
                 ("jaxserve_prompt_tokens_computed", "Prompt tokens run through the model",
                  stats.num_prompt_tokens_computed)):

@@ -50,7 +50,8 @@ def test_metrics_endpoint(shared_server):
                  "jaxserve_e2e_request_latency_seconds", "jaxserve_num_requests_waiting",
                  "jaxserve_num_requests_running", "jaxserve_kv_cache_usage_ratio",
                  "jaxserve_prefix_cache_hit_rate", "jaxserve_preemptions_total",
-                 "jaxserve_generation_tokens_total", 'jaxserve_requests_total{code="OK"}'):
+                 "jaxserve_generation_tokens_total", 'jaxserve_requests_total{code="OK"}',
+                 "jaxserve_swap_outs_total", "jaxserve_num_free_swap_slots"):
         assert name in text, name
     generated = next(line for line in text.splitlines()
                      if line.startswith("jaxserve_generation_tokens_total"))
