@@ -88,7 +88,6 @@ class HostKVStore:
         self._scatter = jax.jit(_scatter, in_shardings=(cache_shardings, repl, repl),
                                 out_shardings=cache_shardings, donate_argnums=(0,))
         self.compiled: dict[tuple[str, int], object] = {}
-        self.bytes_per_slot = self.data[0].nbytes
 
     def compile_all(self, kv_caches) -> None:
         for n in self.buckets:

@@ -29,8 +29,9 @@ import time
 import grpc
 from absl import app, flags
 
-from jaxserve.sim.workload import SimRequest, WorkloadSpec, generate_workload
+from jaxserve.sim.workload import SimRequest, generate_workload
 from tools import serving_stats
+from tools.workload_flags import workload_spec
 from jaxserve.flags import FLAGS, engine_config_from_flags
 
 flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the server.")
@@ -48,13 +49,6 @@ flags.DEFINE_integer("warmup_requests", 0, "First send this many requests (all a
 flags.DEFINE_integer("num_requests", 200, "Requests in the run.")
 flags.DEFINE_float("request_rate", math.inf, "Poisson arrival rate, requests/s; inf: all at once.")
 flags.DEFINE_integer("max_concurrency", 0, "Most requests in flight from this client; 0: no limit.")
-flags.DEFINE_float("prompt_len_median", 128.0, "Median prompt length, tokens.")
-flags.DEFINE_float("prompt_len_sigma", 1.0, "Sigma of log prompt length.")
-flags.DEFINE_integer("max_prompt_len", 1024, "Longest prompt.")
-flags.DEFINE_float("output_len_median", 64.0, "Median output length, tokens.")
-flags.DEFINE_float("output_len_sigma", 1.0, "Sigma of log output length.")
-flags.DEFINE_integer("max_output_len", 1024, "Longest output.")
-flags.DEFINE_integer("workload_seed", 0, "Seeds arrivals, lengths and prompt tokens.")
 flags.DEFINE_float("slo_ttft_ms", 1000.0, "Goodput SLO on time to first token.")
 flags.DEFINE_float("slo_tpot_ms", 100.0, "Goodput SLO on time per output token.")
 flags.DEFINE_float("request_timeout_s", 600.0, "Deadline of each request (server mode).")
@@ -69,12 +63,7 @@ def workloads(vocab_size: int, max_model_len: int) -> tuple[list[SimRequest], li
         raise app.UsageError(f"--max_prompt_len ({FLAGS.max_prompt_len}) + --max_output_len "
                              f"({FLAGS.max_output_len}) exceed the model's max_model_len "
                              f"({max_model_len})")
-    spec = WorkloadSpec(
-        num_requests=FLAGS.num_requests, rate=FLAGS.request_rate,
-        prompt_len_median=FLAGS.prompt_len_median, prompt_len_sigma=FLAGS.prompt_len_sigma,
-        max_prompt_len=FLAGS.max_prompt_len, output_len_median=FLAGS.output_len_median,
-        output_len_sigma=FLAGS.output_len_sigma, max_output_len=FLAGS.max_output_len,
-        vocab_size=vocab_size, seed=FLAGS.workload_seed)
+    spec = workload_spec(FLAGS.num_requests, FLAGS.request_rate, vocab_size=vocab_size)
     warmup = []
     if FLAGS.warmup_requests:
         warmup = generate_workload(dataclasses.replace(

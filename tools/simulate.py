@@ -25,8 +25,9 @@ from absl import app, flags
 
 from jaxserve.length_predictor import OraclePredictor
 from jaxserve.scheduling_policy import MLFQPolicy, make_policy
-from jaxserve.sim import SimResult, Simulator, StepCostModel, WorkloadSpec, generate_workload, load_trace
+from jaxserve.sim import SimResult, Simulator, StepCostModel, generate_workload, load_trace
 from tools import serving_stats
+from tools.workload_flags import workload_spec
 from jaxserve.flags import FLAGS, engine_config_from_flags
 
 flags.DEFINE_list("policies", ["fcfs", "priority", "sjf", "sjf:oracle", "srpt", "mlfq", "fair"],
@@ -37,16 +38,8 @@ flags.DEFINE_string("trace", None, "JSON trace to replay instead of generating a
 flags.DEFINE_integer("num_requests", 2000, "Requests in the run.")
 flags.DEFINE_float("request_rate", 2.0, "Poisson arrival rate, requests/s; inf: all at once.")
 flags.DEFINE_list("sweep_rates", [], "Also run every policy at these rates and plot against load.")
-flags.DEFINE_float("prompt_len_median", 128.0, "Median prompt length, tokens.")
-flags.DEFINE_float("prompt_len_sigma", 1.0, "Sigma of log prompt length.")
-flags.DEFINE_integer("max_prompt_len", 1024, "Longest prompt.")
-flags.DEFINE_float("output_len_median", 64.0, "Median output length, tokens.")
-flags.DEFINE_float("output_len_sigma", 1.0, "Sigma of log output length.")
-flags.DEFINE_integer("max_output_len", 1024, "Longest output.")
-flags.DEFINE_float("predictability", 0.7, "Share of log output-length variance the prompt explains.")
 flags.DEFINE_list("client_shares", ["1"], "Relative request rates of clients c0, c1, ...")
 flags.DEFINE_integer("num_priorities", 1, "Priorities drawn uniformly from 0..num_priorities-1.")
-flags.DEFINE_integer("workload_seed", 0, "Seeds arrivals, lengths and prompt tokens.")
 flags.DEFINE_float("slo_ttft_ms", 10_000.0, "Goodput SLO on time to first token.")
 flags.DEFINE_float("slo_tpot_ms", 500.0, "Goodput SLO on time per output token.")
 flags.DEFINE_string("out_dir", None, "Write simulate.json, simulate.md and PNG plots here.")
@@ -55,13 +48,9 @@ flags.DEFINE_string("out_dir", None, "Write simulate.json, simulate.md and PNG p
 def workload(rate: float):
     if FLAGS.trace:
         return load_trace(FLAGS.trace)
-    return generate_workload(WorkloadSpec(
-        num_requests=FLAGS.num_requests, rate=rate, prompt_len_median=FLAGS.prompt_len_median,
-        prompt_len_sigma=FLAGS.prompt_len_sigma, max_prompt_len=FLAGS.max_prompt_len,
-        output_len_median=FLAGS.output_len_median, output_len_sigma=FLAGS.output_len_sigma,
-        max_output_len=FLAGS.max_output_len, predictability=FLAGS.predictability,
-        client_shares=tuple(float(s) for s in FLAGS.client_shares),
-        num_priorities=FLAGS.num_priorities, seed=FLAGS.workload_seed))
+    return generate_workload(workload_spec(
+        FLAGS.num_requests, rate, client_shares=tuple(float(s) for s in FLAGS.client_shares),
+        num_priorities=FLAGS.num_priorities))
 
 
 def serving_records(result: SimResult) -> list[serving_stats.RequestRecord]:
