@@ -151,7 +151,11 @@ class EngineConfig:
       preemption_mode: what a preempted sequence keeps: "recompute" (nothing: its prompt and
         outputs run again when readmitted) or "swap" (its KV blocks are copied to host memory and
         back; recompute when the swap space is full).
-      swap_space_gib: host memory for swapped-out KV blocks, GiB ("swap" mode only).
+      swap_space_gib: host memory for swapped-out KV blocks, GiB ("swap" mode only), and for
+        KV blocks received from a prefill engine (disaggregation_role "decode").
+      disaggregation_role: "none" (prefill and decode in one engine), or this engine's half of a
+        prefill/decode pair (jaxserve/disaggregation.py): "prefill" hands each request's KV
+        blocks over after its first token, "decode" receives them into its swap space.
       seed: seeds the per-request sampling seeds of requests that give none.
       tensor_parallel, sequence_parallel, expert_parallel, data_parallel: devices along each
         axis of the mesh (docs/SHARDING.md); their product is the number of devices used.
@@ -174,6 +178,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     preemption_mode: str = "recompute"
     swap_space_gib: float = 4.0
+    disaggregation_role: str = "none"
     seed: int = 0
     tensor_parallel: int = 1
     sequence_parallel: int = 1
@@ -208,6 +213,9 @@ class EngineConfig:
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError("EngineConfig.preemption_mode must be 'recompute' or 'swap', got "
                              f"{self.preemption_mode!r}")
+        if self.disaggregation_role not in ("none", "prefill", "decode"):
+            raise ValueError("EngineConfig.disaggregation_role must be 'none', 'prefill' or "
+                             f"'decode', got {self.disaggregation_role!r}")
         if (isinstance(self.swap_space_gib, bool) or not isinstance(self.swap_space_gib, (int, float))
                 or not 0 <= self.swap_space_gib < math.inf):
             raise ValueError(f"EngineConfig.swap_space_gib must be >= 0, got {self.swap_space_gib!r} (a finite number of GiB)")

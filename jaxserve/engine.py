@@ -16,8 +16,9 @@ from jaxserve.checkpoint import load_model
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.default_model import resolve_model_path
 from jaxserve.kv_cache import KVCacheManager
+from jaxserve.kv_handoff import KVHandoff, KVLayout, SeqHandoff
 from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from jaxserve.request import Sequence
+from jaxserve.request import Sequence, SequenceStatus
 from jaxserve.runner import ModelRunner, SampledRow
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
@@ -62,16 +63,17 @@ class EngineStats:
 class Engine:
     def __init__(self, model_path: str, config: EngineConfig = EngineConfig(), *,
                  precompile: bool = True, progress: bool = True, skip_tokenizer: bool = False,
-                 random_weights: bool = False):
+                 random_weights: bool = False, devices=None):
         """random_weights: initialize the model randomly from config.json instead of loading
-        weights (for benchmarking a model shape whose weights are not at hand)."""
+        weights (for benchmarking a model shape whose weights are not at hand). devices: the
+        devices the mesh is laid over (the first ones of jax.devices() when None)."""
         self.model_path = resolve_model_path(model_path)
         model_config = ModelConfig.from_dir(self.model_path)
         self.config = config.resolve(model_config)
         self.model_config = model_config
         self.tokenizer = None if skip_tokenizer else Tokenizer.from_dir(self.model_path)
         # The mesh comes first so that every device reads only its own slices of the weights.
-        mesh = make_mesh(MeshShape.of(self.config))
+        mesh = make_mesh(MeshShape.of(self.config), devices)
         model = load_model(self.model_path, self.config.dtype, mesh=mesh, progress=progress,
                            random_weights=random_weights)
         self.runner = ModelRunner(model, self.config, self.config.num_kv_blocks, precompile,
@@ -157,6 +159,118 @@ class Engine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
         return self._finish_request(req)
+
+    # ----- prefill/decode hand-over (jaxserve/disaggregation.py) --------------------------
+    @property
+    def kv_layout(self) -> KVLayout:
+        m = self.model_config
+        return KVLayout(num_layers=m.num_layers, block_size=self.config.block_size,
+                        num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, dtype=self.config.dtype,
+                        vocab_size=m.vocab_size)
+
+    def ready_for_handoff(self, request_id: str) -> bool:
+        """The request's prompt has run and each live sample holds its first token."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        live = [s for s in req.seqs if not s.is_finished]
+        return bool(live) and all(
+            s.output_token_ids and s.num_computed_tokens == s.num_tokens - 1 for s in live)
+
+    def export_request(self, request_id: str) -> KVHandoff:
+        """Takes a request ready for hand-over out of this engine, with a host copy of the K/V
+        of its live samples; frees its blocks (the full ones stay in the prefix cache)."""
+        if self.config.disaggregation_role != "prefill":
+            raise ValueError("export_request needs EngineConfig.disaggregation_role 'prefill'")
+        if not self.ready_for_handoff(request_id):
+            raise ValueError(f"request {request_id!r} is not ready for hand-over (unknown, "
+                             "finished, or its prompt has not run)")
+        req = self.requests[request_id]
+        bs = self.config.block_size
+        seqs = []
+        for seq in req.seqs:
+            live = not seq.is_finished
+            blocks = seq.block_table[:-(-seq.num_computed_tokens // bs)] if live else []
+            seqs.append(SeqHandoff(
+                index=seq.index, seed=seq.seed, output_token_ids=list(seq.output_token_ids),
+                output_logprobs=list(seq.output_logprobs),
+                num_computed_tokens=seq.num_computed_tokens,
+                kv=self.runner.host_kv.read(self.runner.kv_caches, blocks),
+                first_scheduled_time=seq.first_scheduled_time,
+                first_token_time=seq.first_token_time,
+                num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+                text=req.texts[seq.index], held=req.held[seq.index],
+                stop_reason=req.stop_reasons[seq.index],
+                finish_reason=seq.finish_reason, finished_time=seq.finished_time))
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "handoff")
+        del self.requests[request_id]
+        return KVHandoff(request_id=request_id, prompt=req.prompt,
+                         prompt_token_ids=list(req.prompt_token_ids), params=req.params,
+                         arrival_time=req.arrival_time, priority=req.seqs[0].priority,
+                         client_id=req.seqs[0].client_id, layout=self.kv_layout, seqs=seqs)
+
+    def import_request(self, handoff: KVHandoff) -> bool:
+        """Continues a request handed over by a prefill engine: its K/V go into host slots and
+        come in as a swap-in when the scheduler admits it. Returns False, changing nothing,
+        while the host slots are short; raises ValueError for a hand-over this engine cannot
+        take."""
+        if self.config.disaggregation_role != "decode":
+            raise ValueError("import_request needs EngineConfig.disaggregation_role 'decode'")
+        host_kv = self.runner.host_kv
+        if handoff.layout != self.kv_layout:
+            raise ValueError(f"hand-over KV layout {handoff.layout} differs from this engine's "
+                             f"{self.kv_layout}")
+        if handoff.request_id in self.requests:
+            raise ValueError(f"request_id {handoff.request_id!r} is already in use")
+        self._validate(handoff.prompt_token_ids, handoff.params)
+        if [h.index for h in handoff.seqs] != list(range(handoff.params.n)):
+            raise ValueError(f"hand-over has samples {[h.index for h in handoff.seqs]}; "
+                             f"SamplingParams.n is {handoff.params.n}")
+        longest = max(s.num_computed_tokens + 1 for s in handoff.seqs)
+        if longest > self.config.max_model_len:
+            raise ValueError(f"hand-over of {longest} tokens exceeds max_model_len "
+                             f"({self.config.max_model_len})")
+        if handoff.num_blocks > self.scheduler.swap.num_slots:
+            raise ValueError(f"hand-over of {handoff.num_blocks} KV blocks exceeds this engine's "
+                             f"{self.scheduler.swap.num_slots} host slots (swap_space_gib)")
+        slots = self.scheduler.swap.allocate(handoff.num_blocks)
+        if slots is None:
+            return False
+        params, prompt_ids = handoff.params, handoff.prompt_token_ids
+        seqs, detoks = [], []
+        for h in handoff.seqs:
+            seq = Sequence(next(self._seq_ids), handoff.request_id, h.index, list(prompt_ids),
+                           params, h.seed, handoff.arrival_time, priority=handoff.priority,
+                           client_id=handoff.client_id, output_token_ids=list(h.output_token_ids),
+                           output_logprobs=list(h.output_logprobs),
+                           num_cached_prompt_tokens=h.num_cached_prompt_tokens,
+                           first_scheduled_time=h.first_scheduled_time,
+                           first_token_time=h.first_token_time)
+            detok = None
+            if h.finish_reason is not None:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, h.finish_reason
+                seq.finished_time = h.finished_time
+            else:
+                seq.num_computed_tokens = h.num_computed_tokens
+                seq.swap_slots, slots = slots[:h.kv.shape[0]], slots[h.kv.shape[0]:]
+                host_kv.data[seq.swap_slots] = h.kv
+                if self.tokenizer:  # the same state as the prefill engine's, replayed
+                    detok = IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                                   params.skip_special_tokens)
+                    for token in h.output_token_ids:
+                        detok.add(token)
+            seqs.append(seq)
+            detoks.append(detok)
+        self.requests[handoff.request_id] = _Request(
+            handoff.request_id, handoff.prompt, list(prompt_ids), params, seqs,
+            handoff.arrival_time, detoks, [h.text for h in handoff.seqs],
+            [h.stop_reason for h in handoff.seqs], [h.held for h in handoff.seqs])
+        for seq in seqs:
+            if not seq.is_finished:
+                self.scheduler.add(seq)
+        return True
 
     # ----- one step ----------------------------------------------------------------------
     @property

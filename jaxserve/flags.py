@@ -6,6 +6,8 @@ from absl import flags
 
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.disaggregation import DisaggregatedEngine
+from jaxserve.engine import Engine
 from sharding import distributed
 
 flags.DEFINE_string("model", BUILTIN_MODEL, "Checkpoint folder (config.json, *.safetensors or "
@@ -27,6 +29,10 @@ flags.DEFINE_enum("preemption_mode", "recompute", ["recompute", "swap"],
                   "to host memory (swap; recompute when the swap space is full).")
 flags.DEFINE_float("swap_space_gib", 4.0,
                    "Host memory for swapped-out KV blocks (--preemption_mode=swap).")
+flags.DEFINE_bool("disaggregate", False,
+                  "Prefill and decode in two engines on separate devices (each with the "
+                  "parallelism below, so twice the devices), K/V handed over through host memory "
+                  "(--swap_space_gib on the decode side).")
 flags.DEFINE_integer("seed", 0, "Seeds the sampling of requests that give no seed.")
 # Parallelism (docs/SHARDING.md).
 for _axis, _help in (("tensor", "attention heads, MLP columns, vocabulary and KV heads"),
@@ -59,6 +65,14 @@ def engine_config_from_flags() -> EngineConfig:
         tensor_parallel=FLAGS.tensor_parallel, data_parallel=FLAGS.data_parallel,
         sequence_parallel=FLAGS.sequence_parallel, expert_parallel=FLAGS.expert_parallel,
         sequence_parallel_threshold=FLAGS.sequence_parallel_threshold)
+
+
+def engine_class_from_flags() -> type[Engine] | type[DisaggregatedEngine]:
+    """Engine, or DisaggregatedEngine under --disaggregate: both take (model, config, ...)."""
+    if FLAGS.disaggregate and FLAGS.num_processes not in (None, 1):
+        raise ValueError("--disaggregate runs in one process; it cannot be combined with "
+                         f"--num_processes={FLAGS.num_processes}")
+    return DisaggregatedEngine if FLAGS.disaggregate else Engine
 
 
 def initialize_distributed_from_flags() -> bool:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from jaxserve.config import EngineConfig
 from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.disaggregation import DisaggregatedEngine
 from jaxserve.engine import Engine
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -21,13 +22,17 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 class LLM:
     def __init__(self, model: str = BUILTIN_MODEL, *, precompile: bool = True,
-                 progress: bool = True, skip_tokenizer: bool = False, **engine_args):
+                 progress: bool = True, skip_tokenizer: bool = False, disaggregate: bool = False,
+                 **engine_args):
+        """engine_args: EngineConfig fields. disaggregate: prefill and decode in two engines on
+        separate devices (jaxserve/disaggregation.py)."""
         unknown = set(engine_args) - _CONFIG_FIELDS
         if unknown:
             raise TypeError(f"LLM: unknown engine arguments {sorted(unknown)}; "
                             f"known: {sorted(_CONFIG_FIELDS)}")
-        self.engine = Engine(model, EngineConfig(**engine_args), precompile=precompile,
-                             progress=progress, skip_tokenizer=skip_tokenizer)
+        engine_class = DisaggregatedEngine if disaggregate else Engine
+        self.engine = engine_class(model, EngineConfig(**engine_args), precompile=precompile,
+                                   progress=progress, skip_tokenizer=skip_tokenizer)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],

@@ -147,7 +147,7 @@ class ModelRunner:
         shape = (self.num_kv_blocks, config.block_size, m.num_kv_heads, m.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.kv_sharding)
         self.kv_caches = [(zeros(), zeros()) for _ in range(m.num_layers)]  # (keys, values)
-        self.host_kv = self._host_kv_store()  # None unless preemption_mode is "swap"
+        self.host_kv = self._host_kv_store()  # None unless swapping or disaggregated
         # Every token bucket splits evenly over the token shards (data x sequence).
         token_shards = axis_size(self.mesh, TOKEN_AXES)
         self.token_buckets = sorted({round_up(t, token_shards)
@@ -179,15 +179,26 @@ class ModelRunner:
             self.compile_all(progress)
 
     def _host_kv_store(self) -> HostKVStore | None:
+        """Host memory for KV blocks: swapped-out ones (preemption_mode "swap"), ones received
+        from a prefill engine (role "decode"); a prefill engine's store has no slots and only
+        reads blocks out."""
         c = self.config
-        if c.preemption_mode != "swap":
+        role = c.disaggregation_role
+        if c.preemption_mode != "swap" and role == "none":
             return None
         if jax.process_count() > 1:
-            raise ValueError("EngineConfig.preemption_mode 'swap' runs in one process only; use "
-                             "'recompute' for multi-host runs")
-        per_block = kv_block_bytes(self.model_config, c.block_size, self.dtype)
-        num_slots = int(c.swap_space_gib * (1 << 30)) // per_block
-        if num_slots == 0:
+            raise ValueError("EngineConfig.preemption_mode 'swap' and disaggregation run in one "
+                             "process only; use 'recompute' for multi-host runs")
+        num_slots = 0
+        if c.preemption_mode == "swap" or role == "decode":
+            per_block = kv_block_bytes(self.model_config, c.block_size, self.dtype)
+            num_slots = int(c.swap_space_gib * (1 << 30)) // per_block
+        if role == "decode" and num_slots < c.max_blocks_per_seq:
+            raise ValueError(
+                f"EngineConfig.swap_space_gib ({c.swap_space_gib}) holds {num_slots} KV blocks; a "
+                f"decode engine needs at least max_blocks_per_seq ({c.max_blocks_per_seq}) to "
+                "receive one full-length sequence")
+        if num_slots == 0 and role != "prefill":
             return None
         return HostKVStore(num_slots, self.kv_caches, self.kv_sharding, c.max_blocks_per_seq)
 

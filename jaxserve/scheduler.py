@@ -60,7 +60,8 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, config: EngineConfig, kv_cache: KVCacheManager, policy: SchedulingPolicy,
                  clock: Callable[[], float] = time.monotonic, num_swap_slots: int = 0):
-        """num_swap_slots: host slots for swapped-out blocks (preemption_mode "swap")."""
+        """num_swap_slots: host slots for swapped-out blocks (preemption_mode "swap") and for
+        blocks received from a prefill engine (Engine.import_request)."""
         self.config = config
         self.kv_cache = kv_cache
         self.policy = policy
@@ -71,7 +72,7 @@ class Scheduler:
         self.num_swap_outs = 0  # preemptions that swapped (the rest recomputed)
         self.num_swap_ins = 0  # readmissions of swapped sequences
         self._swapped_now: set[int] = set()  # seq ids swapped out in this step
-        self.swap = SwapSpace(num_swap_slots if config.preemption_mode == "swap" else 0)
+        self.swap = SwapSpace(num_swap_slots)
         self._swap_out: list[tuple[int, int]] = []  # this step's copies
         self._swap_in: list[tuple[int, int]] = []
         self._slots_read_this_step: list[int] = []  # freed at the next schedule()
@@ -202,7 +203,8 @@ class Scheduler:
         # Swap: the blocks holding its computed tokens go to host slots (copied before this
         # step, which may hand the freed blocks to others). When the slots run out: recompute.
         num_blocks = -(-seq.num_computed_tokens // self.kv_cache.block_size)
-        slots = self.swap.allocate(num_blocks) if self.swap.num_slots and num_blocks else None
+        swap = self.config.preemption_mode == "swap" and num_blocks
+        slots = self.swap.allocate(num_blocks) if swap else None
         if slots is not None:
             self._swap_out += zip(seq.block_table[:num_blocks], slots)
             seq.swap_slots = slots

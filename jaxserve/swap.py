@@ -80,8 +80,10 @@ class HostKVStore:
         self.data = np.empty((num_slots, len(kv_caches), 2, block_size, kv_heads, head_dim),
                              keys.dtype)
         # Copies move at most MAX_COPY_BLOCKS at once (more go in chunks), which bounds the
-        # device memory of the gathered or scattered blocks.
-        self.buckets = swap_bucket_sizes(max(1, min(max_blocks, num_slots, MAX_COPY_BLOCKS)))
+        # device memory of the gathered or scattered blocks. With no slots the store only reads
+        # blocks out (a prefill engine handing KV over, jaxserve/disaggregation.py).
+        self.buckets = swap_bucket_sizes(
+            max(1, min(max_blocks, num_slots or max_blocks, MAX_COPY_BLOCKS)))
         cache_shardings = [(kv_sharding, kv_sharding)] * len(kv_caches)
         repl = NamedSharding(kv_sharding.mesh, jax.sharding.PartitionSpec())
         self._gather = jax.jit(_gather, in_shardings=(cache_shardings, repl), out_shardings=repl)
@@ -92,7 +94,8 @@ class HostKVStore:
     def compile_all(self, kv_caches) -> None:
         for n in self.buckets:
             self._compiled("out", n, kv_caches)
-            self._compiled("in", n, kv_caches)
+            if self.data.shape[0]:
+                self._compiled("in", n, kv_caches)
 
     def _compiled(self, kind: str, n: int, kv_caches):
         if (kind, n) not in self.compiled:
@@ -116,11 +119,22 @@ class HostKVStore:
     def swap_out(self, kv_caches, pairs: list[tuple[int, int]]) -> None:
         """Copies device blocks to host slots: pairs of (device block, host slot)."""
         for chunk, n in self._chunks(pairs):
-            idx = np.zeros(n, np.int32)
-            idx[:len(chunk)] = [block for block, _ in chunk]
-            blocks = np.asarray(self._compiled("out", n, kv_caches)(kv_caches, idx))
             slots = [slot for _, slot in chunk]
-            self.data[slots] = np.moveaxis(blocks[:, :, :len(chunk)], 2, 0)
+            self.data[slots] = self._read(kv_caches, [block for block, _ in chunk], n)
+
+    def read(self, kv_caches, blocks: list[int]) -> np.ndarray:
+        """-> [len(blocks), num_layers, 2, block_size, kv_heads, head_dim]: device blocks copied
+        to a new host array (the store's slots untouched)."""
+        parts = [self._read(kv_caches, [block for block, _ in chunk], n)
+                 for chunk, n in self._chunks([(block, 0) for block in blocks])]
+        return np.concatenate(parts) if parts else np.empty((0, *self.data.shape[1:]),
+                                                            self.data.dtype)
+
+    def _read(self, kv_caches, blocks: list[int], n: int) -> np.ndarray:
+        idx = np.zeros(n, np.int32)
+        idx[:len(blocks)] = blocks
+        gathered = np.asarray(self._compiled("out", n, kv_caches)(kv_caches, idx))
+        return np.moveaxis(gathered[:, :, :len(blocks)], 2, 0)
 
     def swap_in(self, kv_caches, pairs: list[tuple[int, int]]):
         """Copies host slots to device blocks: pairs of (host slot, device block). Each chunk's

@@ -21,7 +21,8 @@ from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE
 from jaxserve.engine import Engine
 from server.config import ServerConfig
 from server.grpc_server import GrpcServer
-from jaxserve.flags import FLAGS, engine_config_from_flags, initialize_distributed_from_flags
+from jaxserve.flags import (FLAGS, engine_class_from_flags, engine_config_from_flags,
+                            initialize_distributed_from_flags)
 from sharding import distributed
 
 _SERVER = ServerConfig()
@@ -86,7 +87,7 @@ async def serve(engine_factory: Callable[[], Engine], server_config: ServerConfi
     await server.drain()
     await server.stop()
     load.cancel()
-    if server.engine is not None:
+    if isinstance(server.engine, Engine):  # (a DisaggregatedEngine runs in one process)
         server.engine.runner.release_followers()  # multi-host: lets the other processes exit
     return code
 
@@ -97,6 +98,7 @@ def main(argv: list[str]) -> None:
     initialize_distributed_from_flags()
     try:
         engine_config, server_config = configs_from_flags()
+        engine_class = engine_class_from_flags()
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     if FLAGS.compilation_cache_dir:
@@ -112,7 +114,8 @@ def main(argv: list[str]) -> None:
                skip_tokenizer=True).runner.follow()
         sys.exit(0)
     sys.exit(asyncio.run(serve(
-        lambda: Engine(model, engine_config, precompile=precompile, random_weights=random_weights),
+        lambda: engine_class(model, engine_config, precompile=precompile,
+                             random_weights=random_weights),
         server_config)))
 
 

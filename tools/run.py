@@ -16,7 +16,8 @@ from absl import app, flags
 from jaxserve import Engine, SamplingParams
 from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE
 from sharding import distributed
-from jaxserve.flags import FLAGS, engine_config_from_flags, initialize_distributed_from_flags
+from jaxserve.flags import (FLAGS, engine_class_from_flags, engine_config_from_flags,
+                            initialize_distributed_from_flags)
 
 flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
 flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
@@ -61,7 +62,11 @@ def main(argv):
         seed=FLAGS.sample_seed, max_tokens=FLAGS.max_tokens, min_tokens=FLAGS.min_tokens,
         stop=tuple(FLAGS.stop), ignore_eos=FLAGS.ignore_eos)
     t0 = time.perf_counter()
-    engine = Engine(FLAGS.model, engine_config_from_flags(), precompile=FLAGS.precompile)
+    try:
+        engine = engine_class_from_flags()(FLAGS.model, engine_config_from_flags(),
+                                           precompile=FLAGS.precompile)
+    except ValueError as e:  # a bad flag or checkpoint: its message names it
+        raise app.UsageError(str(e)) from e
     load_s = time.perf_counter() - t0
     if not distributed.is_leader():  # run process 0's steps until it is done
         engine.runner.follow()
@@ -77,7 +82,8 @@ def main(argv):
             if out.finished:
                 done[out.request_id] = out
     elapsed = time.perf_counter() - t1
-    engine.runner.release_followers()
+    if isinstance(engine, Engine):  # (a DisaggregatedEngine runs in one process)
+        engine.runner.release_followers()
     outputs = [done[i] for i in ids]
     if FLAGS.model == BUILTIN_MODEL:
         print(UNTRAINED_NOTICE)

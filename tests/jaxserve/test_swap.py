@@ -97,7 +97,8 @@ def test_swap_falls_back_to_recompute_when_host_slots_run_out():
 def test_recompute_mode_never_swaps():
     sched, _ = three_in_three_blocks(num_slots=8, mode="recompute")
     out = step(sched)
-    assert len(out.preempted) == 2 and out.swap_out == [] and sched.swap.num_slots == 0
+    assert len(out.preempted) == 2 and out.swap_out == [] and sched.swap.num_free_slots == 8
+    assert all(not seq.swap_slots for seq in out.preempted)
 
 
 def test_swap_space_bookkeeping():
