@@ -32,7 +32,7 @@ from absl import app, flags
 from jaxserve.sim.workload import SimRequest, generate_workload
 from tools import serving_stats
 from tools.workload_flags import workload_spec
-from jaxserve.flags import FLAGS, engine_config_from_flags
+from jaxserve.flags import FLAGS, engine_class_from_flags, engine_config_from_flags
 
 flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the server.")
 flags.DEFINE_string("auth_token", "", "Bearer token, if the server wants one.")
@@ -136,10 +136,11 @@ async def _wait_until_serving(channel, metadata) -> None:
 
 # ----- offline mode -----------------------------------------------------------------------------
 def run_offline() -> tuple[list[serving_stats.RequestRecord], dict]:
-    from jaxserve import Engine, SamplingParams
+    from jaxserve import SamplingParams
 
-    engine = Engine(FLAGS.model, engine_config_from_flags(), precompile=FLAGS.precompile,
-                    random_weights=FLAGS.random_weights)
+    engine = engine_class_from_flags()(FLAGS.model, engine_config_from_flags(),
+                                       precompile=FLAGS.precompile,
+                                       random_weights=FLAGS.random_weights)
 
     def drive(requests: list[SimRequest]) -> list[serving_stats.RequestRecord]:
         pending = sorted(requests, key=lambda r: r.arrival_time)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 runs behind docs/BENCHMARKS.md, one stage per device call:
-#   bash tools/gpu_runs.sh check|serve|offline|policies|swap|costs|ring_flash   (results under $OUT)
+#   bash tools/gpu_runs.sh check|serve|offline|policies|swap|disagg|costs|ring_flash   (results under $OUT)
 # Each command is timed and logged; a failing command does not stop the stage.
 # The device machine has no internet: if it lacks a server dependency, wheels fetched here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -88,6 +88,18 @@ swap)
       --out_json="$OUT/preempt_$mode.json" --out_png=""
   done
   ;;
+disagg)
+  # Needs 2 GPUs. Long prompts at a steady rate: one engine on one GPU, then prefill on GPU 0
+  # and decode on GPU 1 (docs/DISAGGREGATION.md). Compare TPOT/ITL, and goodput per GPU.
+  WORKLOAD="--num_requests=120 --warmup_requests=8 --prompt_len_median=1024 \
+    --max_prompt_len=1536 --slo_ttft_ms=1000 --slo_tpot_ms=50 --request_rate=${RATE:-4}"
+  for mode in colocated disaggregated; do
+    extra=""; [ $mode = disaggregated ] && extra="--disaggregate --swap_space_gib=16"
+    step "disagg_$mode" 300 python -m tools.benchmark_serving --offline $ENGINE8B \
+      --max_num_batched_tokens=512 $extra $WORKLOAD --out_json="$OUT/disagg_$mode.json" \
+      --out_png=""
+  done
+  ;;
 costs)
   step step_costs 440 python -m tools.measure_step_costs --model=$SHAPE8B --random_weights \
     --dtype=bfloat16 --tokens=16,64,256,1024,2048 --seqs=8,32,128 --repeats=5 \
@@ -95,6 +107,6 @@ costs)
     --out="$OUT/h100.json"
   ;;
 *)
-  echo "usage: bash tools/gpu_runs.sh check|serve|offline|policies|swap|costs|ring_flash" >&2; exit 2 ;;
+  echo "usage: bash tools/gpu_runs.sh check|serve|offline|policies|swap|disagg|costs|ring_flash" >&2; exit 2 ;;
 esac
 done
