@@ -256,13 +256,16 @@ def load_model(model_dir: str, dtype="bfloat16", mesh: Mesh | None = None,
     mesh: place every parameter sharded on it by the partition rules, each device reading only
       its own slices; None puts the whole model on the default device.
     random_weights: skip the weights and initialize randomly (seeded) on the device instead
-      (then placed on the mesh, if any, as a whole).
+      on the mesh's first device (then placed on the mesh, if any, as a whole).
     """
     config = ModelConfig.from_dir(model_dir)
     dtype = jnp.dtype(dtype)
     sharding_for = param_sharding_fn(config, mesh) if mesh is not None else None
     if random_weights:
-        model = MODEL_CLASSES[config.model_type](config, dtype=dtype, rngs=nnx.Rngs(0))
+        # Built on the mesh's first device (another engine may have filled the default one).
+        device = mesh.devices.flat[0] if mesh is not None else None
+        with jax.default_device(device) if device is not None else contextlib.nullcontext():
+            model = MODEL_CLASSES[config.model_type](config, dtype=dtype, rngs=nnx.Rngs(0))
         if sharding_for:
             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
                 var.set_value(jax.device_put(var.get_value(), sharding_for(path)))

@@ -16,10 +16,11 @@ decode steps of running requests, and each half can be sized for its own phase.
                     then it decodes to the end.
 
 `DisaggregatedEngine` has the Engine's interface (add_request, abort, step, stats, ...), so the
-LLM API, the CLI and the server drive it unchanged. Each `step()` runs a step of both engines
-at once (the prefill one on a worker thread; JAX releases the GIL while the devices work), then
-moves the hand-overs. The K/V cross host memory, as between two hosts; a device-to-device copy
-is the faster path when both halves share a host and is left for later.
+LLM API, the CLI and the server drive it unchanged. The prefill engine steps on a worker thread
+(JAX releases the GIL while the devices work); each `step()` is one decode step, and collects
+the prefill step only once it has ended, so decode steps do not wait for long prefills. The K/V
+cross host memory, as between two hosts; a device-to-device copy is the faster path when both
+halves share a host and is left for later.
 
 Outputs are those of a single engine: a seeded request gives the same tokens, since the sampler
 keys each token on (seed, position) and the hand-over carries the seed.
@@ -30,6 +31,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import time
 
 import jax
 
@@ -73,6 +75,10 @@ class DisaggregatedEngine:
         self.tokenizer = self.prefill.tokenizer
         self.pending: collections.deque[KVHandoff] = collections.deque()
         self.num_handoffs = 0
+        # Touched only by the caller's thread; the prefill engine only while no step of it runs.
+        self._prefill_step: concurrent.futures.Future | None = None
+        self._queued: list[tuple[str, str | list[int], SamplingParams, dict]] = []  # adds for prefill
+        self._outputs: dict[str, RequestOutput] = {}  # from a collected prefill step
         self._request_ids = itertools.count()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, "jaxserve-prefill")
 
@@ -92,63 +98,106 @@ class DisaggregatedEngine:
     # ----- requests in -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, **kwargs) -> str:
-        """As Engine.add_request; the request starts in the prefill engine."""
+        """As Engine.add_request (checked at once); the request starts in the prefill engine,
+        queued until its current step, if one is running, ends."""
+        params = params or SamplingParams()
         if request_id is None:
             request_id = str(next(self._request_ids))
             while self._known(request_id):
                 request_id = str(next(self._request_ids))
         elif self._known(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
-        return self.prefill.add_request(prompt, params, request_id, **kwargs)
+        self.prefill.check_request(prompt, params)
+        kwargs.setdefault("arrival_time", time.monotonic())
+        self._queued.append((request_id, prompt, params, kwargs))
+        if self._prefill_step is None:
+            self._add_queued()
+        return request_id
+
+    def _add_queued(self) -> None:
+        """Hands the queued requests to the prefill engine (no step of it is running)."""
+        for request_id, prompt, params, kwargs in self._queued:
+            self.prefill.add_request(prompt, params, request_id, **kwargs)
+        self._queued = []
 
     def _known(self, request_id: str) -> bool:
         return (request_id in self.prefill.requests or request_id in self.decode.requests
-                or any(h.request_id == request_id for h in self.pending))
+                or any(h.request_id == request_id for h in self.pending)
+                or any(q[0] == request_id for q in self._queued))
 
     def abort(self, request_id: str) -> RequestOutput | None:
+        """Ends a request wherever it is; waits for a running prefill step first (its outputs
+        come with the next step())."""
+        if self._prefill_step is not None:
+            self._collect_prefill()
+        self._add_queued()
         for handoff in self.pending:
             if handoff.request_id == request_id:
                 self.pending.remove(handoff)
                 return _handoff_output(handoff, "abort")
         if request_id in self.prefill.requests:
+            self._outputs.pop(request_id, None)
             return self.prefill.abort(request_id)
         return self.decode.abort(request_id)
 
     # ----- one step ----------------------------------------------------------------------
     @property
     def has_unfinished_requests(self) -> bool:
-        return bool(self.prefill.requests or self.pending or self.decode.requests)
+        return bool(self._queued or self._prefill_step is not None or self.prefill.requests
+                    or self.pending or self.decode.requests or self._outputs)
 
     def step(self) -> list[RequestOutput]:
-        """A step of each engine, run at once; then the requests whose first token came out
-        of the prefill engine move towards the decode engine."""
-        prefill_step = self._worker.submit(self.prefill.step)
-        try:
-            decode_outputs = self.decode.step()
-        finally:
-            prefill_outputs = prefill_step.result()
-        outputs = {}
-        for out in prefill_outputs:
-            outputs[out.request_id] = out
-            if not out.finished and self.prefill.ready_for_handoff(out.request_id):
-                self.pending.append(self.prefill.export_request(out.request_id))
-                self.num_handoffs += 1
+        """A decode step, while the prefill engine's step runs on the worker thread. The prefill
+        step's outputs are collected when it has ended (waited for only when the decode engine
+        has nothing to do), and its requests that have their first token move towards the
+        decode engine; then the next prefill step starts at once."""
+        self._start_prefill()
+        decode_busy = self.decode.has_unfinished_requests
+        decode_outputs = self.decode.step() if decode_busy else []
+        if self._prefill_step is not None and (self._prefill_step.done() or not decode_busy):
+            self._collect_prefill()
+        outputs, self._outputs = self._outputs, {}
         for out in decode_outputs:
             outputs[out.request_id] = out
         for out in self._import_pending():
             outputs[out.request_id] = out
+        self._start_prefill()
         return list(outputs.values())
+
+    def _start_prefill(self) -> None:
+        """Submits a prefill step, unless one runs, it has nothing to do, or hand-overs pile up
+        (max_num_seqs of them wait for the decode engine: back-pressure on the prefill side)."""
+        if self._prefill_step is not None or len(self.pending) >= self.config.max_num_seqs:
+            return
+        self._add_queued()
+        if self.prefill.has_unfinished_requests:
+            self._prefill_step = self._worker.submit(self.prefill.step)
+
+    def _collect_prefill(self) -> None:
+        """Waits for the running prefill step; keeps its outputs for the next step() and
+        exports the requests that are ready. A failed export ends that request with an error."""
+        step, self._prefill_step = self._prefill_step, None
+        for out in step.result():
+            self._outputs[out.request_id] = out
+            if out.finished or not self.prefill.ready_for_handoff(out.request_id):
+                continue
+            try:
+                self.pending.append(self.prefill.export_request(out.request_id))
+                self.num_handoffs += 1
+            except Exception:
+                logger.exception("exporting request %s failed", out.request_id)
+                self._outputs[out.request_id] = self.prefill.abort(out.request_id, "error")
 
     def _import_pending(self) -> list[RequestOutput]:
         """Hands over in arrival order while the decode engine has host slots; a hand-over it
-        can never take ends with an error. -> the outputs of those that ended."""
+        cannot take ends with an error. -> the outputs of those that ended."""
         ended = []
         while self.pending:
             handoff = self.pending[0]
             try:
                 if not self.decode.import_request(handoff):
                     break  # its slots free up as the decode engine swaps others in
-            except ValueError:
+            except Exception:
                 logger.exception("request %s cannot be handed to the decode engine",
                                  handoff.request_id)
                 ended.append(_handoff_output(handoff, "error"))

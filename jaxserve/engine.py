@@ -56,7 +56,7 @@ class EngineStats:
     num_prompt_tokens_computed: int
     num_swap_outs: int = 0  # preemptions that swapped to host memory (the others recomputed)
     num_swap_ins: int = 0  # readmissions of swapped-out sequences
-    num_swap_slots: int = 0  # host slots for swapped-out blocks (preemption_mode "swap")
+    num_swap_slots: int = 0  # host slots for swapped-out (or handed-over) blocks
     num_free_swap_slots: int = 0
 
 
@@ -98,8 +98,7 @@ class Engine:
         request_id = request_id if request_id is not None else str(next(self._request_ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        prompt_ids = self._prompt_ids(prompt)
-        self._validate(prompt_ids, params)
+        prompt_ids = self.check_request(prompt, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         base_seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**32 - 64)
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
@@ -113,6 +112,12 @@ class Engine:
             arrival, detoks, [""] * len(seqs), [None] * len(seqs), [""] * len(seqs))
         self.scheduler.add(seqs[0])
         return request_id
+
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids; ValueError naming the bad field. Changes nothing."""
+        prompt_ids = self._prompt_ids(prompt)
+        self._validate(prompt_ids, params)
+        return prompt_ids
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -150,14 +155,15 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer; this engine has none")
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stops a request now and frees its blocks; unknown or finished ids are ignored."""
+    def abort(self, request_id: str, reason: str = "abort") -> RequestOutput | None:
+        """Stops a request now and frees its blocks; unknown or finished ids are ignored.
+        reason: the finish reason of its unfinished samples ("error" for a fault)."""
         req = self.requests.get(request_id)
         if req is None:
             return None
         for seq in req.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
+                self.scheduler.finish(seq, reason)
         return self._finish_request(req)
 
     # ----- prefill/decode hand-over (jaxserve/disaggregation.py) --------------------------
@@ -232,12 +238,43 @@ class Engine:
         if longest > self.config.max_model_len:
             raise ValueError(f"hand-over of {longest} tokens exceeds max_model_len "
                              f"({self.config.max_model_len})")
+        self._check_handoff_seqs(handoff, host_kv.data)
         if handoff.num_blocks > self.scheduler.swap.num_slots:
             raise ValueError(f"hand-over of {handoff.num_blocks} KV blocks exceeds this engine's "
                              f"{self.scheduler.swap.num_slots} host slots (swap_space_gib)")
         slots = self.scheduler.swap.allocate(handoff.num_blocks)
         if slots is None:
             return False
+        try:
+            self._take_handoff(handoff, slots)
+        except Exception:
+            self.scheduler.swap.free(slots)
+            raise
+        return True
+
+    def _check_handoff_seqs(self, handoff: KVHandoff, host_data) -> None:
+        """Each live sample: its tokens in the vocabulary, all but the last one computed, K/V
+        blocks of the shape and dtype that this engine stores."""
+        vocab, bs = self.model_config.vocab_size, self.config.block_size
+        num_prompt = len(handoff.prompt_token_ids)
+        for h in handoff.seqs:
+            if any(not 0 <= t < vocab for t in h.output_token_ids):
+                raise ValueError(f"hand-over sample {h.index}: output_token_ids outside the "
+                                 f"vocabulary [0, {vocab})")
+            if h.finish_reason is not None:
+                continue
+            if not h.output_token_ids or h.num_computed_tokens != num_prompt + len(
+                    h.output_token_ids) - 1:
+                raise ValueError(f"hand-over sample {h.index}: num_computed_tokens "
+                                 f"{h.num_computed_tokens} must be all its tokens but the last "
+                                 f"({num_prompt} prompt + {len(h.output_token_ids)} output - 1)")
+            shape = (-(-h.num_computed_tokens // bs), *host_data.shape[1:])
+            if h.kv.shape != shape or h.kv.dtype != host_data.dtype:
+                raise ValueError(f"hand-over sample {h.index}: kv is {h.kv.dtype}{list(h.kv.shape)}"
+                                 f"; expected {host_data.dtype}{list(shape)}")
+
+    def _take_handoff(self, handoff: KVHandoff, slots: list[int]) -> None:
+        host_kv = self.runner.host_kv
         params, prompt_ids = handoff.params, handoff.prompt_token_ids
         seqs, detoks = [], []
         for h in handoff.seqs:
@@ -270,7 +307,6 @@ class Engine:
         for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.add(seq)
-        return True
 
     # ----- one step ----------------------------------------------------------------------
     @property

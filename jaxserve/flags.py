@@ -28,7 +28,8 @@ flags.DEFINE_enum("preemption_mode", "recompute", ["recompute", "swap"],
                   "What a preempted sequence keeps: nothing (recompute) or its KV blocks, copied "
                   "to host memory (swap; recompute when the swap space is full).")
 flags.DEFINE_float("swap_space_gib", 4.0,
-                   "Host memory for swapped-out KV blocks (--preemption_mode=swap).")
+                   "Host memory for swapped-out KV blocks (--preemption_mode=swap), and for "
+                   "the blocks a decode engine receives (--disaggregate).")
 flags.DEFINE_bool("disaggregate", False,
                   "Prefill and decode in two engines on separate devices (each with the "
                   "parallelism below, so twice the devices), K/V handed over through host memory "

@@ -231,9 +231,11 @@ class ModelRunner:
         per_device = per_block
         if kv_heads_sharded(self.model_config.num_kv_heads, tp):
             per_device //= tp
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if "bytes_limit" in stats:
-            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        # The mesh's own devices (another engine may fill others: disaggregation).
+        local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        stats = [d.memory_stats() or {} for d in local]
+        if all("bytes_limit" in st for st in stats):
+            free = min(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
             blocks = int(free * c.kv_cache_memory_fraction) // per_device
         else:  # CPU: enough for every sequence at full length, within 2 GiB
             blocks = min(c.max_num_seqs * c.max_blocks_per_seq, (2 << 30) // per_block)

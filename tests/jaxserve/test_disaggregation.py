@@ -3,6 +3,7 @@ devices, with K/V handed over through host memory, give the outputs of one engin
 their blocks and slots, and end a request wherever it is when aborted."""
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -209,3 +210,83 @@ def test_llm_text_and_stop_strings_equal_one_engine():
                                               b.outputs[0].finish_reason, b.outputs[0].stop_reason)
     assert [o.outputs[0].finish_reason for o in pair_outs] == ["stop"] * 3
     assert llm.engine.num_handoffs > 0
+
+
+def test_decode_steps_do_not_wait_for_a_running_prefill_step(pair):
+    # A request decoding in the decode engine keeps getting tokens while a prefill step is held
+    # up on the worker thread.
+    long = dataclasses.replace(GREEDY, max_tokens=30)
+    decoding = pair.add_request(PROMPTS[0], long)
+    for _ in range(2):
+        pair.step()
+    assert decoding in pair.decode.requests
+    gate, real_step = threading.Event(), pair.prefill.step
+    pair.prefill.step = lambda: (gate.wait(30), real_step())[1]
+    try:
+        fresh = [1] + np.random.default_rng(5).integers(3, 256, size=40).tolist()
+        prefilling = pair.add_request(fresh, long)
+        tokens = []
+        for _ in range(5):  # the prefill step is held: only the decode engine moves
+            out = {o.request_id: o for o in pair.step()}
+            assert prefilling not in out
+            tokens.append(len(out[decoding].outputs[0].token_ids))
+        assert tokens == sorted(set(tokens)) and len(tokens) == 5
+        assert pair._prefill_step is not None and not pair._prefill_step.done()
+        gate.set()
+    finally:
+        gate.set()
+        pair.prefill.step = real_step
+    outs = run_to_completion(pair)
+    assert outs[prefilling].outputs[0].token_ids == generate(build_engine(), [fresh],
+                                                             long)[0]
+    assert len(outs[decoding].outputs[0].token_ids) == 30
+    assert_all_freed(pair)
+
+
+def test_a_failed_hand_over_ends_that_request_only(pair, single):
+    # The first export's device read fails: that request ends with "error", the rest finish.
+    read, calls = pair.prefill.runner.host_kv.read, []
+
+    def failing_read(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected copy failure")
+        return read(*args)
+
+    pair.prefill.runner.host_kv.read = failing_read
+    try:
+        ids = [pair.add_request(p, GREEDY) for p in PROMPTS[:3]]
+        outs = run_to_completion(pair)
+    finally:
+        pair.prefill.runner.host_kv.read = read
+    reasons = [outs[i].outputs[0].finish_reason for i in ids]
+    assert reasons.count("error") == 1 and reasons.count("length") == 2
+    for i, expected in zip(ids, single[:3]):
+        if outs[i].outputs[0].finish_reason == "length":
+            assert outs[i].outputs[0].token_ids == expected
+    assert_all_freed(pair)
+
+
+def test_a_hand_over_that_does_not_match_is_refused_without_leaking_slots(pair):
+    rid = pair.prefill.add_request(PROMPTS[5], GREEDY)
+    while not pair.prefill.ready_for_handoff(rid):
+        pair.prefill.step()
+    handoff = pair.prefill.export_request(rid)
+    seq = handoff.seqs[0]
+    free = pair.decode.scheduler.num_free_swap_slots
+    bad = [dataclasses.replace(seq, kv=seq.kv[:-1]),  # a block short
+           dataclasses.replace(seq, kv=seq.kv.astype(np.float16)),
+           dataclasses.replace(seq, num_computed_tokens=seq.num_computed_tokens + 1),
+           dataclasses.replace(seq, output_token_ids=[10**6])]
+    for wrong, match in zip(bad, ["expected", "expected", "num_computed_tokens", "vocabulary"]):
+        with pytest.raises(ValueError, match=match):
+            pair.decode.import_request(dataclasses.replace(handoff, seqs=[wrong]))
+        assert pair.decode.scheduler.num_free_swap_slots == free
+    # A failure after the slots were taken gives them back.
+    broken = dataclasses.replace(handoff, seqs=[dataclasses.replace(seq, output_logprobs=None)])
+    with pytest.raises(TypeError):
+        pair.decode.import_request(broken)
+    assert pair.decode.scheduler.num_free_swap_slots == free and rid not in pair.decode.requests
+    assert pair.decode.import_request(handoff)
+    run_to_completion(pair)
+    assert_all_freed(pair)
