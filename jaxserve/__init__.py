@@ -13,5 +13,5 @@ from jaxserve.llm import LLM
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
-__all__ = ["LLM", "Engine", "DisaggregatedEngine", "EngineConfig", "ModelConfig", "SamplingParams", "RequestOutput",
-           "CompletionOutput"]
+__all__ = ["LLM", "Engine", "DisaggregatedEngine", "EngineConfig", "ModelConfig", "SamplingParams",
+           "RequestOutput", "CompletionOutput"]

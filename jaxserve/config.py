@@ -151,8 +151,8 @@ class EngineConfig:
       preemption_mode: what a preempted sequence keeps: "recompute" (nothing: its prompt and
         outputs run again when readmitted) or "swap" (its KV blocks are copied to host memory and
         back; recompute when the swap space is full).
-      swap_space_gib: host memory for swapped-out KV blocks, GiB ("swap" mode only), and for
-        KV blocks received from a prefill engine (disaggregation_role "decode").
+      swap_space_gib: host memory, GiB, for swapped-out KV blocks (preemption_mode "swap") and
+        for KV blocks received from a prefill engine (disaggregation_role "decode").
       disaggregation_role: "none" (prefill and decode in one engine), or this engine's half of a
         prefill/decode pair (jaxserve/disaggregation.py): "prefill" hands each request's KV
         blocks over after its first token, "decode" receives them into its swap space.

@@ -233,11 +233,8 @@ def _handoff_output(handoff: KVHandoff, reason: str) -> RequestOutput:
         logprobs=list(h.output_logprobs) if handoff.params.logprobs is not None else None,
         stop_reason=h.stop_reason) for h in handoff.seqs]
     head = handoff.seqs[0]
-    metrics = RequestMetrics(arrival_time=handoff.arrival_time)
-    if head.first_scheduled_time is not None:
-        metrics.queue_time = head.first_scheduled_time - handoff.arrival_time
-    if head.first_token_time is not None:
-        metrics.time_to_first_token = head.first_token_time - handoff.arrival_time
+    metrics = RequestMetrics.started(handoff.arrival_time, head.first_scheduled_time,
+                                     head.first_token_time)
     return RequestOutput(request_id=handoff.request_id, prompt=handoff.prompt,
                          prompt_token_ids=list(handoff.prompt_token_ids), outputs=outputs,
                          finished=True, metrics=metrics,

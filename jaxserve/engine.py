@@ -445,11 +445,7 @@ class Engine:
 
 def _metrics(req: _Request) -> RequestMetrics:
     head = req.seqs[0]
-    m = RequestMetrics(arrival_time=req.arrival_time)
-    if head.first_scheduled_time is not None:
-        m.queue_time = head.first_scheduled_time - req.arrival_time
-    if head.first_token_time is not None:
-        m.time_to_first_token = head.first_token_time - req.arrival_time
+    m = RequestMetrics.started(req.arrival_time, head.first_scheduled_time, head.first_token_time)
     finished = [s.finished_time for s in req.seqs if s.finished_time is not None]
     if len(finished) == len(req.seqs):
         m.e2e_latency = max(finished) - req.arrival_time

@@ -13,6 +13,17 @@ class RequestMetrics:
     time_per_output_token: float | None = None  # mean gap between later tokens
     e2e_latency: float | None = None  # arrival -> finished
 
+    @classmethod
+    def started(cls, arrival_time: float, first_scheduled_time: float | None,
+                first_token_time: float | None) -> "RequestMetrics":
+        """Queue time and time to first token, where the request got that far."""
+        m = cls(arrival_time=arrival_time)
+        if first_scheduled_time is not None:
+            m.queue_time = first_scheduled_time - arrival_time
+        if first_token_time is not None:
+            m.time_to_first_token = first_token_time - arrival_time
+        return m
+
 
 @dataclasses.dataclass
 class CompletionOutput:

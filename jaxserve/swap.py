@@ -109,11 +109,11 @@ class HostKVStore:
             self.compiled[(kind, n)] = lowered.compile()
         return self.compiled[(kind, n)]
 
-    def _chunks(self, pairs: list[tuple[int, int]]):
-        """pairs split into runs of at most the largest bucket, each with its padded size."""
+    def _chunks(self, items: list):
+        """items split into runs of at most the largest bucket, each with its padded size."""
         step = self.buckets[-1]
-        for i in range(0, len(pairs), step):
-            chunk = pairs[i:i + step]
+        for i in range(0, len(items), step):
+            chunk = items[i:i + step]
             yield chunk, next(b for b in self.buckets if b >= len(chunk))
 
     def swap_out(self, kv_caches, pairs: list[tuple[int, int]]) -> None:
@@ -125,8 +125,7 @@ class HostKVStore:
     def read(self, kv_caches, blocks: list[int]) -> np.ndarray:
         """-> [len(blocks), num_layers, 2, block_size, kv_heads, head_dim]: device blocks copied
         to a new host array (the store's slots untouched)."""
-        parts = [self._read(kv_caches, [block for block, _ in chunk], n)
-                 for chunk, n in self._chunks([(block, 0) for block in blocks])]
+        parts = [self._read(kv_caches, chunk, n) for chunk, n in self._chunks(blocks)]
         return np.concatenate(parts) if parts else np.empty((0, *self.data.shape[1:]),
                                                             self.data.dtype)
 
