@@ -30,8 +30,9 @@ KVCache: TypeAlias = tuple[jax.Array, jax.Array]  # (keys, values) of one layer
 class AttentionMetadata:
     """Where each token of the flat ragged batch reads and writes the paged cache.
 
-    slot_mapping: [num_tokens] int32, cache slot each token's K/V goes to; padding tokens hold
-      an out-of-range slot, so their writes are dropped.
+    slot_mapping: [num_tokens] int32, cache slot each token's K/V goes to; padding tokens
+      write into a scratch block that no sequence holds (the runner's cache has one block more
+      than its KV cache manager hands out); an out-of-range slot is dropped.
     block_tables: [num_seqs_padded, max_blocks_per_seq] int32.
     kv_lens: [num_seqs_padded] int32, cached tokens of each sequence after this step.
     cu_q_lens: [num_seqs_padded + 1] int32, start of each sequence's tokens in the batch.

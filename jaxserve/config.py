@@ -161,6 +161,12 @@ class EngineConfig:
         axis of the mesh (docs/SHARDING.md); their product is the number of devices used.
       sequence_parallel_threshold: a prompt of at least this many tokens, scheduled whole in one
         step, is prefilled with ring attention over the sequence axis (sequence_parallel > 1).
+      async_scheduling: overlap the host's work with the device's: schedule and dispatch step
+        N+1 before reading step N's tokens (jaxserve/engine.py). Off: each step is read back
+        before the next is scheduled.
+      compilation_cache: keep compiled steps in JAX's persistent compilation cache, in the
+        jaxserve cache folder (jaxserve/default_model.py), so a restart compiles nothing anew;
+        a cache folder set in jax.config beforehand is used instead.
     """
 
     max_model_len: int | None = None
@@ -185,6 +191,8 @@ class EngineConfig:
     expert_parallel: int = 1
     data_parallel: int = 1
     sequence_parallel_threshold: int = 1024
+    async_scheduling: bool = True
+    compilation_cache: bool = True
 
     def __post_init__(self):
         def positive(name):

@@ -108,10 +108,15 @@ def write_random_llama(path: str, config: dict, seed: int = 0, std: float = 0.02
     return path
 
 
+def jaxserve_cache_dir() -> str:
+    """$JAXSERVE_CACHE, or ~/.cache/jaxserve: the built-in model and compiled steps."""
+    return os.environ.get("JAXSERVE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "jaxserve")
+
+
 def builtin_model_dir(cache_dir: str | None = None) -> str:
     """The folder of the built-in model, written on first use (atomically, so runs can race)."""
-    cache_dir = cache_dir or os.environ.get("JAXSERVE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "jaxserve")
+    cache_dir = cache_dir or jaxserve_cache_dir()
     path = os.path.join(cache_dir, f"tiny-llama-v{_VERSION}")
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         return path

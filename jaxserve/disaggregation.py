@@ -38,7 +38,7 @@ import jax
 from jaxserve.config import EngineConfig
 from jaxserve.engine import Engine, EngineStats
 from jaxserve.kv_handoff import KVHandoff
-from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, merge_outputs
 from jaxserve.sampling_params import SamplingParams
 from sharding.mesh import MeshShape
 
@@ -157,10 +157,8 @@ class DisaggregatedEngine:
         if self._prefill_step is not None and (self._prefill_step.done() or not decode_busy):
             self._collect_prefill()
         outputs, self._outputs = self._outputs, {}
-        for out in decode_outputs:
-            outputs[out.request_id] = out
-        for out in self._import_pending():
-            outputs[out.request_id] = out
+        for out in decode_outputs + self._import_pending():
+            outputs[out.request_id] = merge_outputs(outputs.get(out.request_id), out)
         self._start_prefill()
         return list(outputs.values())
 
@@ -178,7 +176,7 @@ class DisaggregatedEngine:
         exports the requests that are ready. A failed export ends that request with an error."""
         step, self._prefill_step = self._prefill_step, None
         for out in step.result():
-            self._outputs[out.request_id] = out
+            self._outputs[out.request_id] = merge_outputs(self._outputs.get(out.request_id), out)
             if out.finished or not self.prefill.ready_for_handoff(out.request_id):
                 continue
             try:

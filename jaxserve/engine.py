@@ -1,27 +1,46 @@
-"""The engine: requests in, outputs out, one scheduler step at a time.
+"""The engine: requests in, outputs out, one overlapped scheduler step at a time.
 
-`add_request` validates and queues; `step` schedules, runs the compiled step, then for every
-sampled row appends the token, detokenizes incrementally, checks stop conditions, frees the
-blocks of finished sequences and emits `RequestOutput`s. An error in one request finishes that
-request with finish_reason "error"; it never stops the engine.
+`add_request` validates and queues. `step` is one turn of the overlapped loop:
+
+    host                                               device
+    ----                                               ------
+    schedule step N+1 (step N's tokens are pending)    runs step N
+    dispatch step N+1 (returns at once)                ... N, then N+1 queued behind it
+    read step N's tokens (copied back asynchronously)  runs step N+1
+    append, detokenize, stop checks, outputs of N      runs step N+1
+    return step N's outputs                            runs step N+1
+
+A token sampled by step N is step N+1's input on the device (runner.last_tokens), so the host
+never stands between two steps. A sequence found finished when step N is read was already in
+step N+1: its token from N+1 is dropped (never emitted or counted), and its KV blocks are freed
+only once step N+1 has been read. Blocks freed while a step is in flight (by a preemption) are
+only ever written by later steps, which the device runs after it. `EngineConfig.async_scheduling`
+False reads each step back before the next is scheduled (the synchronous loop).
+
+An error in one request finishes that request with finish_reason "error"; it never stops the
+engine.
 """
 
 import dataclasses
 import itertools
 import logging
+import os
 import random
 import time
 
+import jax
+
 from jaxserve.checkpoint import load_model
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.default_model import resolve_model_path
+from jaxserve.default_model import jaxserve_cache_dir, resolve_model_path
 from jaxserve.kv_cache import KVCacheManager
 from jaxserve.kv_handoff import KVHandoff, KVLayout, SeqHandoff
-from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxserve.output_processor import RequestState, append_token, make_output, release_held
+from jaxserve.outputs import RequestOutput
 from jaxserve.request import Sequence, SequenceStatus
-from jaxserve.runner import ModelRunner, SampledRow
+from jaxserve.runner import ModelRunner, StepHandle
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.scheduler import Scheduler
+from jaxserve.scheduler import Scheduler, SchedulerOutput
 from jaxserve.scheduling_policy import make_policy
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from sharding.mesh import MeshShape, make_mesh
@@ -30,17 +49,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    arrival_time: float
-    detokenizers: list[IncrementalDetokenizer | None]
-    texts: list[str]
-    stop_reasons: list[str | int | None]
-    held: list[str]  # text withheld per sequence because it may begin a stop string
+class _InFlight:
+    """A dispatched step the host has not read yet."""
+    sched: SchedulerOutput
+    handle: StepHandle
+    seq_ids: set[int]  # every sequence in it
+    deferred_free: list[Sequence] = dataclasses.field(default_factory=list)  # blocks to free after
 
 
 @dataclasses.dataclass
@@ -60,6 +74,13 @@ class EngineStats:
     num_free_swap_slots: int = 0
 
 
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache in the jaxserve cache folder, unless one is set."""
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.join(jaxserve_cache_dir(), "jax-compilation"))
+
+
 class Engine:
     def __init__(self, model_path: str, config: EngineConfig = EngineConfig(), *,
                  precompile: bool = True, progress: bool = True, skip_tokenizer: bool = False,
@@ -67,6 +88,8 @@ class Engine:
         """random_weights: initialize the model randomly from config.json instead of loading
         weights (for benchmarking a model shape whose weights are not at hand). devices: the
         devices the mesh is laid over (the first ones of jax.devices() when None)."""
+        if config.compilation_cache:
+            enable_compilation_cache()
         self.model_path = resolve_model_path(model_path)
         model_config = ModelConfig.from_dir(self.model_path)
         self.config = config.resolve(model_config)
@@ -82,12 +105,17 @@ class Engine:
                                        self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache, make_policy(self.config.scheduling_policy),
                                    num_swap_slots=self.runner.num_swap_slots)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._seed_rng = random.Random(self.config.seed)
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
+        # A prefill engine hands requests over right after their first token: no step ahead.
+        self.async_scheduling = (self.config.async_scheduling
+                                 and self.config.disaggregation_role != "prefill")
+        self._in_flight: _InFlight | None = None
+        self.last_dispatch_s = 0.0  # host time of the last step's build and dispatch
 
     # ----- requests in -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -107,7 +135,7 @@ class Engine:
         seqs[0].fork_children = seqs[1:]
         detoks = [IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
                   if self.tokenizer else None for _ in seqs]
-        self.requests[request_id] = _Request(
+        self.requests[request_id] = RequestState(
             request_id, prompt if isinstance(prompt, str) else None, list(prompt_ids), params, seqs,
             arrival, detoks, [""] * len(seqs), [None] * len(seqs), [""] * len(seqs))
         self.scheduler.add(seqs[0])
@@ -163,8 +191,14 @@ class Engine:
             return None
         for seq in req.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq, reason)
-        return self._finish_request(req)
+                self._finish_seq(seq, reason)
+        out = self._finish_request(req)
+        if not self.requests and self._in_flight is not None:
+            # Nothing left to run: read the step in flight now (its tokens are all dropped), so
+            # that the engine is idle and every block free when abort returns.
+            flight, self._in_flight = self._in_flight, None
+            self._finish_step(flight, {})
+        return out
 
     # ----- prefill/decode hand-over (jaxserve/disaggregation.py) --------------------------
     @property
@@ -210,7 +244,7 @@ class Engine:
                 finish_reason=seq.finish_reason, finished_time=seq.finished_time))
         for seq in req.seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq, "handoff")
+                self._finish_seq(seq, "handoff")
         del self.requests[request_id]
         return KVHandoff(request_id=request_id, prompt=req.prompt,
                          prompt_token_ids=list(req.prompt_token_ids), params=req.params,
@@ -300,10 +334,13 @@ class Engine:
                         detok.add(token)
             seqs.append(seq)
             detoks.append(detok)
-        self.requests[handoff.request_id] = _Request(
+        self.requests[handoff.request_id] = RequestState(
             handoff.request_id, handoff.prompt, list(prompt_ids), params, seqs,
             handoff.arrival_time, detoks, [h.text for h in handoff.seqs],
-            [h.stop_reason for h in handoff.seqs], [h.held for h in handoff.seqs])
+            [h.stop_reason for h in handoff.seqs], [h.held for h in handoff.seqs],
+            # The prefill engine's outputs carried these already.
+            sent_tokens=[len(h.output_token_ids) for h in handoff.seqs],
+            sent_chars=[len(h.text) for h in handoff.seqs])
         for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.add(seq)
@@ -311,124 +348,105 @@ class Engine:
     # ----- one step ----------------------------------------------------------------------
     @property
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """One scheduler iteration; returns an output for every request that changed."""
+        """Schedules and dispatches the next step, then finishes the one before it (or, with
+        async_scheduling off, this one); returns an output for every request that changed."""
         sched = self.scheduler.schedule()
-        touched: dict[str, _Request] = {}
+        touched: dict[str, RequestState] = {}
         for seq in self.scheduler.take_rejected():
             touched[seq.request_id] = self.requests[seq.request_id]
-        if sched.is_empty:
-            return [self._output_or_finish(r) for r in touched.values()]
+        flight = None if sched.is_empty else self._dispatch(sched, touched)
+        previous, self._in_flight = self._in_flight, None
+        if self.async_scheduling:
+            self._in_flight = flight
+            if previous is not None:
+                self._finish_step(previous, touched)
+        elif flight is not None:
+            self._finish_step(flight, touched)
+        return [self._output_or_finish(r) for r in touched.values()]
+
+    def _dispatch(self, sched: SchedulerOutput, touched: dict) -> _InFlight | None:
+        """Starts the step on the device; None when that failed (its sequences end with
+        "error"). Its sampled sequences now each have one more pending token."""
         try:
-            rows = self.runner.execute(sched)
+            handle = self.runner.execute(sched)
         except Exception:  # a failed step: every request in it ends with "error", the engine goes on
             logger.exception("step failed; finishing its %d sequences with an error", len(sched.scheduled))
             for seq in sched.preempted:  # their swap-out may not have happened: recompute them
                 self.scheduler.drop_swapped(seq)
-            for item in sched.scheduled:
-                for seq in (item.seq, *item.forks):
-                    if not seq.is_finished:
-                        self.scheduler.finish(seq, "error")
-                    touched[seq.request_id] = self.requests[seq.request_id]
-            return [self._output_or_finish(r) for r in touched.values()]
+            self._fail(sched, touched)
+            return None
+        for seq in handle.rows:
+            seq.num_pending += 1
         self.num_prompt_tokens_computed += sum(
             max(0, min(i.start + i.num_tokens, i.seq.num_prompt_tokens) - i.start) for i in sched.scheduled)
+        self.last_dispatch_s = handle.dispatch_s
+        seq_ids = {seq.seq_id for item in sched.scheduled for seq in (item.seq, *item.forks)}
+        return _InFlight(sched, handle, seq_ids)
+
+    def _fail(self, sched: SchedulerOutput, touched: dict) -> None:
+        for item in sched.scheduled:
+            for seq in (item.seq, *item.forks):
+                seq.num_pending = 0
+                if not seq.is_finished:
+                    self._finish_seq(seq, "error")
+                if seq.request_id in self.requests:
+                    touched[seq.request_id] = self.requests[seq.request_id]
+
+    def _finish_step(self, flight: _InFlight, touched: dict) -> None:
+        """Reads a step's tokens and processes them: append, detokenize, stop checks."""
+        try:
+            rows = self.runner.collect(flight.handle)
+        except Exception:
+            logger.exception("step failed; finishing its %d sequences with an error",
+                             len(flight.sched.scheduled))
+            self._fail(flight.sched, touched)
+            rows = []
         now = time.monotonic()
         for row in rows:
-            req = self.requests[row.seq.request_id]
+            seq = row.seq
+            seq.num_pending -= 1
+            if seq.is_finished:  # found finished one step late (or aborted): token dropped
+                continue
+            req = self.requests[seq.request_id]
             touched[req.request_id] = req
             try:
-                self._append(req, row, now)
+                self.num_generated_tokens += 1
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                reason = append_token(req, seq, row.token, row.logprob, row.top,
+                                      eos_token_ids=self.model_config.eos_token_ids,
+                                      max_model_len=self.config.max_model_len)
             except Exception:  # one request's bad state never takes the others down
                 logger.exception("request %s failed while processing its token", req.request_id)
-                if not row.seq.is_finished:
-                    self.scheduler.finish(row.seq, "error")
-        self.scheduler.on_step_done(sched)
-        return [self._output_or_finish(r) for r in touched.values()]
+                reason = "error"
+            if reason is not None:
+                self._finish_seq(seq, reason)
+        self.scheduler.on_step_done(flight.sched)
+        for seq in flight.deferred_free:
+            self.kv_cache.free(seq)
 
-    def _append(self, req: _Request, row: SampledRow, now: float) -> None:
-        seq, token, params = row.seq, row.token, row.seq.params
-        seq.output_token_ids.append(token)
-        self.num_generated_tokens += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        if params.logprobs is not None:
-            entry = {token: row.logprob}
-            entry.update({t: lp for t, lp in row.top if t not in entry})
-            seq.output_logprobs.append(entry)
-        i = seq.index
-        stop_token = token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.model_config.eos_token_ids)
-        if stop_token:  # the sampler bans these until min_tokens is reached
-            req.stop_reasons[i] = token if token in params.stop_token_ids else None
-            self._detokenize(req, seq, None, final=True)  # the stop token's text is not emitted
-            self.scheduler.finish(seq, "stop")
-            return
-        max_tokens = params.max_tokens or self.config.max_model_len
-        at_limit = (len(seq.output_token_ids) >= max_tokens
-                    or seq.num_tokens >= self.config.max_model_len)
-        if self._detokenize(req, seq, token, final=at_limit):
-            self.scheduler.finish(seq, "stop")
-        elif at_limit:
-            self.scheduler.finish(seq, "length")
-
-    def _detokenize(self, req: _Request, seq: Sequence, token: int | None, *, final: bool) -> bool:
-        """Adds the token's text; returns True when a stop string ended the sequence."""
-        detok = req.detokenizers[seq.index]
-        if detok is None:
-            return False
-        i = seq.index
-        delta = detok.add(token) if token is not None else ""
-        if final:
-            delta += detok.flush()
-        pending = req.held[i] + delta
-        stops = seq.params.stop
-        if stops:
-            hits = [(pending.find(s), s) for s in stops if s in pending]
-            if hits:
-                pos, s = min(hits)
-                req.texts[i] += pending[:pos]
-                req.held[i] = ""
-                req.stop_reasons[i] = s
-                return True
-            if not final:
-                # Hold back a tail that could be the start of a stop string.
-                keep = max((k for s in stops for k in range(1, len(s))
-                            if pending.endswith(s[:k])), default=0)
-                req.texts[i] += pending[:len(pending) - keep]
-                req.held[i] = pending[len(pending) - keep:]
-                return False
-        req.texts[i] += pending
-        req.held[i] = ""
-        return False
+    def _finish_seq(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence; its blocks wait for the step in flight when that step has it."""
+        flight = self._in_flight
+        in_flight = flight is not None and seq.seq_id in flight.seq_ids
+        self.scheduler.finish(seq, reason, free_blocks=not in_flight)
+        if in_flight:
+            flight.deferred_free.append(seq)
+        self.runner.batch.release(seq)
 
     # ----- outputs -----------------------------------------------------------------------
-    def _output_or_finish(self, req: _Request) -> RequestOutput:
-        if all(s.is_finished for s in req.seqs):
+    def _output_or_finish(self, req: RequestState) -> RequestOutput:
+        if req.finished:
             return self._finish_request(req)
-        return self._output(req)
+        return make_output(req)
 
-    def _finish_request(self, req: _Request) -> RequestOutput:
-        for seq in req.seqs:
-            if req.held[seq.index]:
-                req.texts[seq.index] += req.held[seq.index]
-                req.held[seq.index] = ""
+    def _finish_request(self, req: RequestState) -> RequestOutput:
+        release_held(req)
         self.requests.pop(req.request_id, None)
-        return self._output(req)
-
-    def _output(self, req: _Request) -> RequestOutput:
-        outputs = [CompletionOutput(
-            index=s.index, text=req.texts[s.index], token_ids=list(s.output_token_ids),
-            finish_reason=s.finish_reason,
-            logprobs=list(s.output_logprobs) if s.params.logprobs is not None else None,
-            stop_reason=req.stop_reasons[s.index]) for s in req.seqs]
-        head = req.seqs[0]
-        return RequestOutput(
-            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            outputs=outputs, finished=all(s.is_finished for s in req.seqs),
-            metrics=_metrics(req), num_cached_tokens=head.num_cached_prompt_tokens)
+        return make_output(req)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -442,14 +460,3 @@ class Engine:
             num_swap_slots=self.scheduler.swap.num_slots,
             num_free_swap_slots=self.scheduler.num_free_swap_slots)
 
-
-def _metrics(req: _Request) -> RequestMetrics:
-    head = req.seqs[0]
-    m = RequestMetrics.started(req.arrival_time, head.first_scheduled_time, head.first_token_time)
-    finished = [s.finished_time for s in req.seqs if s.finished_time is not None]
-    if len(finished) == len(req.seqs):
-        m.e2e_latency = max(finished) - req.arrival_time
-        n = len(head.output_token_ids)
-        if n > 1 and head.first_token_time is not None and head.finished_time is not None:
-            m.time_per_output_token = (head.finished_time - head.first_token_time) / (n - 1)
-    return m

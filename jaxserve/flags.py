@@ -35,6 +35,10 @@ flags.DEFINE_bool("disaggregate", False,
                   "parallelism below, so twice the devices), K/V handed over through host memory "
                   "(--swap_space_gib on the decode side).")
 flags.DEFINE_integer("seed", 0, "Seeds the sampling of requests that give no seed.")
+flags.DEFINE_bool("async_scheduling", True, "Overlap the host's work with the device's: step "
+                  "N+1 is scheduled and dispatched before step N's tokens are read.")
+flags.DEFINE_bool("compilation_cache", True, "Keep compiled steps in JAX's persistent cache "
+                  "(in $JAXSERVE_CACHE or ~/.cache/jaxserve), so a restart compiles nothing anew.")
 # Parallelism (docs/SHARDING.md).
 for _axis, _help in (("tensor", "attention heads, MLP columns, vocabulary and KV heads"),
                      ("data", "the tokens of each step (weights and KV cache replicated)"),
@@ -65,7 +69,8 @@ def engine_config_from_flags() -> EngineConfig:
         preemption_mode=FLAGS.preemption_mode, swap_space_gib=FLAGS.swap_space_gib, seed=FLAGS.seed,
         tensor_parallel=FLAGS.tensor_parallel, data_parallel=FLAGS.data_parallel,
         sequence_parallel=FLAGS.sequence_parallel, expert_parallel=FLAGS.expert_parallel,
-        sequence_parallel_threshold=FLAGS.sequence_parallel_threshold)
+        sequence_parallel_threshold=FLAGS.sequence_parallel_threshold,
+        async_scheduling=FLAGS.async_scheduling, compilation_cache=FLAGS.compilation_cache)
 
 
 def engine_class_from_flags() -> type[Engine] | type[DisaggregatedEngine]:

@@ -120,7 +120,8 @@ class KVCacheManager:
         """Registers the hashes of the sequence's full, computed blocks for later prefix hits."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # Only tokens the host knows: a pending token (sampled, not read back) has no value yet.
+        num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         known = self.seq_hashes.get(seq.seq_id, [])
         if num_full <= len(known):
             return

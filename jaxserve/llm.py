@@ -75,10 +75,11 @@ class LLM:
                 for out in self.engine.step():
                     if out.request_id != rid:
                         continue
-                    text = out.outputs[0].text
-                    if len(text) > sent:
-                        yield text[sent:]
-                        sent = len(text)
+                    # A delta carries only new text; the final output is whole.
+                    text = out.outputs[0].text if out.delta else out.outputs[0].text[sent:]
+                    if text:
+                        yield text
+                        sent += len(text)
                     if out.finished:
                         return
         finally:

@@ -1,4 +1,9 @@
-"""What the engine returns: RequestOutput with one CompletionOutput per sample, and timings."""
+"""What the engine returns: RequestOutput with one CompletionOutput per sample, and timings.
+
+A RequestOutput before the last is a delta (`delta` True): its samples' text, token_ids and
+logprobs are what is new since the request's previous output. The last one (`finished`) is
+whole. `merge_outputs` joins two consecutive outputs of a request into one.
+"""
 
 import dataclasses
 
@@ -44,3 +49,25 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    delta: bool = False  # text, token_ids and logprobs are only what is new (not finished)
+
+
+def merge_outputs(older: RequestOutput | None, newer: RequestOutput) -> RequestOutput:
+    """One output saying what two consecutive outputs of a request said: a whole newer one as
+    it is, a delta appended to the older one (delta or whole)."""
+    if older is None or not newer.delta:
+        return newer
+    by_index = {c.index: c for c in older.outputs}
+    samples = []
+    for c in newer.outputs:
+        old = by_index.get(c.index)
+        if old is None:
+            samples.append(c)
+            continue
+        logprobs = None
+        if c.logprobs is not None or old.logprobs is not None:
+            logprobs = (old.logprobs or []) + (c.logprobs or [])
+        samples.append(dataclasses.replace(c, text=old.text + c.text,
+                                           token_ids=old.token_ids + c.token_ids,
+                                           logprobs=logprobs))
+    return dataclasses.replace(newer, outputs=samples, delta=older.delta)

@@ -17,10 +17,15 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """One generated sample: its tokens, how far the KV cache holds them, and its blocks.
 
-    `num_computed_tokens` counts the tokens whose K/V are in the cache. The tokens still to run
-    are `token_ids[num_computed_tokens:]`: the rest of the prompt during prefill, the last
-    sampled token during decode, everything again after a recompute preemption (a swap preemption
-    keeps `num_computed_tokens`: its blocks come back from host memory).
+    `num_computed_tokens` counts the tokens whose K/V are in the cache (or are written by a step
+    already dispatched). The tokens still to run are positions `num_computed_tokens` to
+    `num_tokens`: the rest of the prompt during prefill, the last sampled token during decode,
+    everything again after a recompute preemption (a swap preemption keeps
+    `num_computed_tokens`: its blocks come back from host memory).
+
+    `num_pending` counts tokens sampled by a dispatched step whose value the host has not read
+    yet (the overlapped loop, jaxserve/engine.py): they count in `num_tokens` (the scheduler
+    runs them) but not in `token_ids`; the runner feeds them from the device's copy.
     """
 
     seq_id: int
@@ -44,6 +49,8 @@ class Sequence:
     swap_slots: list[int] = dataclasses.field(default_factory=list)
     # When n > 1: the other samples, forked from this sequence when its prompt is done.
     fork_children: list["Sequence"] = dataclasses.field(default_factory=list)
+    num_pending: int = 0
+    slot: int = -1  # its row in the runner's persistent batch while running (jaxserve/input_batch.py)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -52,11 +59,31 @@ class Sequence:
 
     @property
     def token_ids(self) -> list[int]:
+        """The tokens the host knows: the prompt, then the outputs read back so far."""
         return self.prompt_token_ids + self.output_token_ids
+
+    def known_tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without copying the whole sequence."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Positions of the sequence: known tokens plus pending ones."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, pending ones included."""
+        return len(self.output_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,26 +1,36 @@
-"""Model runner: turns the scheduler's decision into flat device arrays and runs the compiled step.
+"""Model runner: turns the scheduler's decision into device arrays and dispatches the compiled step.
 
-All scheduled tokens of all sequences form one ragged batch, padded to one of a small fixed set
-of bucket shapes (tokens T x sequences S), so every step function is compiled once, at start-up,
-and never again while serving. A step is two compiled pure functions dispatched back to back
-with no host sync between them: `forward_fn` (params, KV caches, inputs -> caches, hidden states
-at the sampled rows), bucketed by (T, S), and `sample_fn` (params, hidden, sampling -> tokens),
-bucketed by (S, penalties on/off). Splitting them keeps the compile count at |T x S| + 2|S|
-instead of 2|T x S|. The caches are donated and updated in place; only sampled ids and logprobs
-come back to the host.
+All scheduled tokens of all sequences form one ragged batch, padded to one of a fixed set of
+bucket shapes (tokens T x sequences S), so every step function is compiled once and reused. A
+step is two compiled pure functions dispatched back to back with no host sync between them:
+`forward_fn` (weights, KV caches, block tables, last tokens, step arrays -> caches, hidden
+states at the sampled rows), bucketed by kind and (T, S), and `sample_fn` (lm_head, hidden,
+sampling arrays -> tokens, written into each row's slot of `last_tokens`), bucketed by S and
+the `SamplerMode` (greedy-only, random, logprobs, penalties). Decode-only steps (one token per
+sequence) take T = S with fine S buckets (1, 2, 4, 8, 16, ... as vLLM captures graphs); mixed
+steps take coarse ones. The caches, block tables and last tokens are donated and updated in
+place.
+
+`execute` only dispatches: it returns a `StepHandle` whose results are copied to the host in the
+background, and `collect` reads them, so the engine can prepare the next step meanwhile
+(jaxserve/engine.py). A token sampled by a step still in flight is the next step's input on the
+device (`last_tokens[slot]`), never a host round trip. Arguments are flat lists of plain arrays
+(the weights flattened once), so each call takes jit's C++ fast path.
 
 Both run on a device mesh (sharding/; a mesh of one device by default) and are compiled with
-explicit shardings: weights by the partition rules, KV caches over KV heads, inputs and outputs
+explicit shardings: weights by the partition rules, KV caches over KV heads, everything else
 replicated. With sequence_parallel > 1 a long prompt scheduled whole in one step is prefilled by
 its own compiled function (`("ring", T, S)`) that uses ring attention over the sequence axis.
-With several processes (multi-host) process 0 runs the scheduler and broadcasts each step's
-inputs; the others run `follow()` and execute the same compiled functions in lockstep.
+With several processes (multi-host) process 0 runs the scheduler and broadcasts every device
+call it makes (`_call`); the others run `follow()` and make the same calls in lockstep.
 """
 
+import collections
 import dataclasses
 import functools
 import logging
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +41,11 @@ from tqdm.auto import tqdm
 
 from jaxserve.attention import AttentionMetadata, copy_blocks, resolve_backend
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.input_batch import InputBatch
 from jaxserve.request import Sequence
-from jaxserve.sampler import PenaltyMetadata, SamplerOutput, SamplingMetadata, sample
+from jaxserve.sampler import PenaltyMetadata, SamplerMode, SamplingMetadata, sample
 from jaxserve.scheduler import ScheduledSeq, SchedulerOutput
+from jaxserve.step_inputs import SamplingArrays, build_sampling, build_step
 from jaxserve.swap import HostKVStore
 from sharding import distributed
 from sharding.mesh import (TOKEN_AXES, MeshShape, axis_size, constrain, make_mesh, replicated,
@@ -44,28 +56,29 @@ from sharding.partition_rules import (kv_cache_spec, kv_heads_sharded, param_rul
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("forward", "ring", "decode")  # the compiled forward functions, by their code in a step header
-
-
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["input_ids", "positions", "attn", "logits_indices", "copy_src",
-                                "copy_dst"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class StepInputs:
-    input_ids: jax.Array  # [T] int32
-    positions: jax.Array  # [T] int32
-    attn: AttentionMetadata
-    logits_indices: jax.Array  # [S] int32: batch index of each sampled row's last token
-    copy_src: jax.Array  # [S] int32: copy-on-write source blocks
-    copy_dst: jax.Array  # [S] int32: their destinations (out of range = no copy)
+_KINDS = ("forward", "ring", "decode")  # the compiled forward functions
+# Device calls, by their code in a multi-host header: (op, a, b, c).
+_OP_TABLE, _OP_COPY, _OP_FORWARD, _OP_SAMPLE = 1, 2, 3, 4
+_HEADER_LEN = 4
 
 
 @dataclasses.dataclass
 class SampledRow:
     seq: Sequence
     token: int
-    logprob: float
+    logprob: float | None
     top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class StepHandle:
+    """A dispatched step: per batch, its sampled sequences (row order) and device results."""
+    batches: list[tuple[list[Sequence], object, object]]  # (rows, SamplerOutput, expert load)
+    dispatch_s: float  # host time spent building and dispatching it
+
+    @property
+    def rows(self) -> list[Sequence]:
+        return [seq for rows, _, _ in self.batches for seq in rows]
 
 
 def bucket_sizes(lo: int, hi: int, coarse_below: int = 256) -> list[int]:
@@ -77,6 +90,26 @@ def bucket_sizes(lo: int, hi: int, coarse_below: int = 256) -> list[int]:
     return sizes + [hi]
 
 
+def seq_bucket_sizes(hi: int) -> list[int]:
+    """Decode batch sizes: 2, 4, then every 8 up to 256, then every 16, and hi itself.
+
+    No 1: XLA turns a lone token's K/V scatter into a dynamic-update-slice that copies the
+    layer's whole cache; a second (padding) row costs nothing next to the weights' traffic.
+    """
+    sizes = [2, 4] + list(range(8, 257, 8))
+    sizes += list(range(272, hi + 1, 16))
+    return sorted({s for s in sizes if s < hi} | {hi})
+
+
+def pow2_bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _pow2_upto(n: int) -> list[int]:
+    """1, 2, 4, ... up to the first power of two >= n."""
+    return [1 << i for i in range(pow2_bucket(n).bit_length())]
+
+
 def _bucket(sizes: list[int], n: int) -> int:
     for size in sizes:
         if size >= n:
@@ -84,44 +117,83 @@ def _bucket(sizes: list[int], n: int) -> int:
     raise ValueError(f"batch of {n} exceeds the largest bucket {sizes[-1]}")
 
 
-def forward_fn(graphdef, params, kv_caches, inputs: StepInputs, *, backend: str,
+def forward_fn(graphdef, treedef, param_leaves, kv_caches, block_tables, last_tokens,
+               token_data, seq_data, *, backend: str, block_size: int, decode_only: bool = False,
                mesh: Mesh | None = None, ring_prefill: bool = False):
-    """Copy-on-write copies, then the model: -> (caches, hidden [S, D] at the sampled rows,
-    tokens routed to each expert [num_layers, num_experts] int32, or None for a dense model)."""
-    model = nnx.merge(graphdef, params)
-    kv_caches = [copy_blocks(c, inputs.copy_src, inputs.copy_dst) for c in kv_caches]
+    """The model over one ragged batch (layouts: jaxserve/step_inputs.py).
+
+    block_tables [num_slots + 1, max_blocks] and last_tokens [num_slots + 1] int32 are the
+    persistent batch's. -> (caches, hidden [S, D] at the sampled rows, their last input token
+    [S], tokens routed to each expert [num_layers, num_experts] int32 or None for a dense model).
+    """
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
+    S = seq_data.shape[1] - 1
+    tokens, positions, token_slots = token_data[0], token_data[1], token_data[2]
+    input_ids = jnp.where(tokens >= 0, tokens, last_tokens[jnp.maximum(-tokens - 1, 0)])
+    pos = jnp.maximum(positions, 0)
+    scratch_slot = (kv_caches[0][0].shape[0] - 1) * block_size  # the last block's first
+    blocks = block_tables[token_slots, pos // block_size]
+    slot_mapping = jnp.where(positions >= 0, blocks * block_size + pos % block_size,
+                             scratch_slot)
+    attn = AttentionMetadata(slot_mapping, block_tables[seq_data[0, :S]], seq_data[1, :S],
+                             seq_data[2], seq_data[0, S], decode_only)
     routing = []  # each MoE layer's expert ids [T, k]
-    hidden, kv_caches = model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn, backend,
-                              mesh=mesh, ring_prefill=ring_prefill, routing=routing)
+    hidden, kv_caches = model(input_ids, pos, kv_caches, attn, backend, mesh=mesh,
+                              ring_prefill=ring_prefill, routing=routing)
     load = None
     if routing:
-        attn = inputs.attn
-        valid = jnp.arange(inputs.input_ids.shape[0]) < attn.cu_q_lens[attn.num_seqs]
+        valid = positions >= 0
         load = jnp.stack([expert_load(ids, model.config.num_experts, valid) for ids in routing])
-    return kv_caches, hidden[inputs.logits_indices], load
+    logits_indices = seq_data[3, :S]
+    return kv_caches, hidden[logits_indices], input_ids[logits_indices], load
 
 
-def sample_fn(graphdef, params, hidden, sampling: SamplingMetadata, *, max_logprobs: int,
-              mesh: Mesh | None = None):
-    """Logits only at the sampled rows, then sampling: -> SamplerOutput."""
-    model = nnx.merge(graphdef, params)
-    logits = model.compute_logits(hidden)
-    if mesh is not None and vocab_sharded(model.config.vocab_size, mesh.shape["tensor"]):
+def sample_fn(head, hidden, last_input, last_tokens, row_i32, row_f32, penalties, *,
+              mode: SamplerMode, max_logprobs: int, tied: bool, mesh: Mesh | None = None):
+    """Logits only at the sampled rows, then sampling; each row's token goes into its slot of
+    last_tokens (donated). head: the lm_head kernel [D, V], or the tied embedding [V, D].
+    -> (SamplerOutput, last_tokens)."""
+    logits = jnp.dot(hidden, head.T if tied else head, preferred_element_type=jnp.float32)
+    vocab = logits.shape[1]
+    if mesh is not None and vocab_sharded(vocab, mesh.shape["tensor"]):
         # Logits come out split over the vocabulary (as the lm_head is) and are gathered once,
-        # here: sorting, top-k and argmax need them whole. Pinning both layouts keeps GSPMD from
-        # gathering the [D, V] lm_head instead, which it otherwise prefers.
+        # here. Pinning both layouts keeps GSPMD from gathering the [D, V] lm_head instead.
         logits = constrain(logits, mesh, PartitionSpec(None, "tensor"))
     logits = constrain(logits, mesh, PartitionSpec())
-    return sample(logits, sampling, max_logprobs)
+    pen = None
+    if penalties is not None:
+        pen_f32, history, prompt_lens = penalties
+        history = jnp.where(history == -2, last_input[:, None], history)
+        pen = PenaltyMetadata(pen_f32[0], pen_f32[1], pen_f32[2], history, prompt_lens)
+    md = SamplingMetadata(row_f32[0], row_i32[0], row_f32[1], row_f32[2],
+                          jax.lax.bitcast_convert_type(row_i32[1], jnp.uint32), row_i32[2],
+                          row_i32[4:].T, pen)
+    out = sample(logits, md, mode, max_logprobs)
+    return out, last_tokens.at[row_i32[3]].set(out.tokens)
+
+
+def _update_tables(block_tables, idx, vals):
+    """Writes vals [n] at flat indices idx [n] of block_tables (out of range: skipped)."""
+    flat = block_tables.reshape(-1).at[idx].set(vals, mode="drop")
+    return flat.reshape(block_tables.shape)
+
+
+def _copy_all(kv_caches, src, dst):
+    return [copy_blocks(c, src, dst) for c in kv_caches]
 
 
 def kv_block_bytes(model: ModelConfig, block_size: int, dtype) -> int:
     return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * jnp.dtype(dtype).itemsize
 
 
-def _host(tree):
+def _to_host(tree):
     """Device -> numpy for outputs replicated over the mesh: each process reads its own copy."""
     return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
+def _start_copy(tree) -> None:
+    for leaf in jax.tree.leaves(tree):
+        leaf.copy_to_host_async()
 
 
 class ModelRunner:
@@ -137,40 +209,65 @@ class ModelRunner:
         self.graphdef, params = nnx.split(model)
         rules = param_rules(num_kv_heads=m.num_kv_heads, vocab_size=m.vocab_size,
                             tensor_parallel=self.mesh.shape["tensor"])
-        self.param_shardings = param_shardings(params, rules, self.mesh)
-        self.params = jax.device_put(params, self.param_shardings)  # a no-op when already there
+        shardings = param_shardings(params, rules, self.mesh)
+        params = jax.device_put(params, shardings)  # a no-op when already there
+        # Flattened once: every call then passes a flat list (jit's fast path), not nnx state.
+        self.param_leaves, self.param_treedef = jax.tree.flatten(params)
+        self.param_shardings = jax.tree.leaves(shardings)
+        self.tied = m.tie_word_embeddings
+        head = params["embed_tokens"]["embedding"] if self.tied else params["lm_head"]["kernel"]
+        self.head = head[...]
+        self.head_sharding = self.head.sharding
         self.kv_sharding = NamedSharding(self.mesh, kv_cache_spec(
             num_kv_heads=m.num_kv_heads, tensor_parallel=self.mesh.shape["tensor"]))
         self.dtype = jnp.dtype(config.dtype)
         self.backend = resolve_backend(config.attention_backend)
         self.num_kv_blocks = num_kv_blocks or self._num_kv_blocks()
-        shape = (self.num_kv_blocks, config.block_size, m.num_kv_heads, m.head_dim)
+        # One block more than the scheduler hands out: the scratch block that padding tokens
+        # write into. An in-range target lets XLA update the cache in place even when a lone
+        # token's scatter becomes a dynamic-update-slice (an out-of-range one made it copy).
+        shape = (self.num_kv_blocks + 1, config.block_size, m.num_kv_heads, m.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.kv_sharding)
         self.kv_caches = [(zeros(), zeros()) for _ in range(m.num_layers)]  # (keys, values)
         self.host_kv = self._host_kv_store()  # None unless swapping or disaggregated
+        repl = replicated(self.mesh)
+        # The persistent batch: a slot per running sequence (jaxserve/input_batch.py).
+        self.num_banned = config.max_stop_token_ids + len(m.eos_token_ids)
+        self.batch = InputBatch(config.max_num_seqs, config.max_blocks_per_seq, m.eos_token_ids,
+                                self.num_banned)
+        n = config.max_num_seqs + 1
+        self.block_tables = jax.device_put(np.zeros((n, config.max_blocks_per_seq), np.int32), repl)
+        self.last_tokens = jax.device_put(np.zeros(n, np.int32), repl)
         # Every token bucket splits evenly over the token shards (data x sequence).
         token_shards = axis_size(self.mesh, TOKEN_AXES)
         self.token_buckets = sorted({round_up(t, token_shards)
                                      for t in bucket_sizes(16, config.max_num_batched_tokens)})
         self.seq_buckets = bucket_sizes(8, config.max_num_seqs)
         self.ring_buckets = self._ring_buckets()
-        # Decode-only steps take the paged decode kernel: T = S, one compilation per seq bucket.
+        # Decode-only steps run T = S over fine buckets (the paged decode kernel under Pallas).
         # Only without token sharding, where every device holds all the step's rows.
-        self.decode_buckets = (self.seq_buckets if self.backend == "pallas" and token_shards == 1
-                               else [])
-        self.num_banned = config.max_stop_token_ids + len(m.eos_token_ids)
+        self.decode_buckets = seq_bucket_sizes(config.max_num_seqs) if token_shards == 1 else []
         cache_shardings = [(self.kv_sharding, self.kv_sharding)] * m.num_layers
-        repl = replicated(self.mesh)
-        forward = functools.partial(forward_fn, self.graphdef, backend=self.backend, mesh=self.mesh)
+        forward = functools.partial(forward_fn, self.graphdef, self.param_treedef,
+                                    backend=self.backend, block_size=config.block_size,
+                                    mesh=self.mesh)
         jit_forward = functools.partial(
-            jax.jit, in_shardings=(self.param_shardings, cache_shardings, repl),
-            out_shardings=(cache_shardings, repl, repl), donate_argnums=(1,))
-        self._forward = jit_forward(forward)
-        self._ring_forward = jit_forward(functools.partial(forward, ring_prefill=True))
-        self._sample = jax.jit(functools.partial(sample_fn, self.graphdef, mesh=self.mesh,
-                                                 max_logprobs=config.max_logprobs),
-                               in_shardings=(self.param_shardings, repl, repl), out_shardings=repl)
-        # ("forward" | "ring" | "decode", T, S) / ("sample", S, penalties)
+            jax.jit, in_shardings=(self.param_shardings, cache_shardings, repl, repl, repl, repl),
+            out_shardings=(cache_shardings, repl, repl, repl), donate_argnums=(1,))
+        self._forward = {kind: jit_forward(functools.partial(
+            forward, ring_prefill=kind == "ring", decode_only=kind == "decode" and self.backend == "pallas"))
+            for kind in _KINDS}
+        self._sample = {}  # SamplerMode -> jitted sample_fn
+        self._sample_jit = functools.partial(
+            jax.jit, in_shardings=(self.head_sharding, repl, repl, repl, repl, repl, repl),
+            out_shardings=(repl, repl), donate_argnums=(3,))
+        self._update = jax.jit(_update_tables, in_shardings=(repl, repl, repl),
+                               out_shardings=repl, donate_argnums=(0,))
+        self._copy = jax.jit(_copy_all, in_shardings=(cache_shardings, repl, repl),
+                             out_shardings=cache_shardings, donate_argnums=(0,))
+        self._forward_out = None  # (hidden, last_input, load) between a forward and its sample
+        self.kind_counts: collections.Counter = collections.Counter()  # batches run, by kind
+        # ("forward" | "ring" | "decode", T, S) / ("sample", S, mode) / ("table" | "copy", n)
         self.compiled: dict[tuple, object] = {}
         # Tokens routed to each expert [num_layers, num_experts]: the last step's and the total.
         self.last_expert_load: np.ndarray | None = None
@@ -249,12 +346,18 @@ class ModelRunner:
     def buckets(self) -> list[tuple[int, int]]:
         return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
 
+    @property
+    def sample_buckets(self) -> list[int]:
+        return sorted(set(self.seq_buckets) | set(self.decode_buckets))
+
     def compile_all(self, progress: bool = True) -> None:
-        """Compiles every bucket (sampling with and without penalties) before serving starts."""
+        """Compiles every step bucket, sampler variant and copy size before serving starts."""
         keys = [("forward", t, s) for t, s in self.buckets]
         keys += [("ring", t, self.seq_buckets[0]) for t in self.ring_buckets]
         keys += [("decode", s, s) for s in self.decode_buckets]
-        keys += [("sample", s, p) for s in self.seq_buckets for p in (False, True)]
+        keys += [("sample", s, _mode_of(bits)) for s in self.sample_buckets for bits in range(8)]
+        keys += [("table", n) for n in _pow2_upto(self.block_tables.size)]
+        keys += [("copy", n) for n in _pow2_upto(self.config.max_num_seqs)]
         for key in tqdm(keys, desc="compiling step buckets", disable=not progress):
             self._compiled(key)
         if self.host_kv is not None:
@@ -264,45 +367,43 @@ class ModelRunner:
         if key not in self.compiled:
             # float32 means float32: no TF32 shortcuts in the matmuls on GPU.
             precision = "highest" if self.dtype == jnp.float32 else None
+            t0 = time.perf_counter()
             with jax.default_matmul_precision(precision):
                 self.compiled[key] = self._lower(key).compile()
+            logger.debug("compiled %s in %.2f s", key, time.perf_counter() - t0)
         return self.compiled[key]
 
     def _lower(self, key: tuple):
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+        f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
         if key[0] in _KINDS:
             kind, T, S = key
-            fn = self._ring_forward if kind == "ring" else self._forward
-            return fn.lower(self.params, self.kv_caches,
-                            self._dummy_inputs(T, S, decode_only=kind == "decode"))
-        _, S, penalties = key
-        hidden = jax.ShapeDtypeStruct((S, self.model_config.hidden_size), self.dtype)
-        return self._sample.lower(self.params, hidden, self._dummy_sampling(S, penalties))
+            return self._forward[kind].lower(self.param_leaves, self.kv_caches, self.block_tables,
+                                             self.last_tokens, i32(3, T), i32(4, S + 1))
+        if key[0] == "sample":
+            _, S, mode = key
+            if mode not in self._sample:
+                self._sample[mode] = self._sample_jit(functools.partial(
+                    sample_fn, mode=mode, max_logprobs=self.config.max_logprobs, tied=self.tied,
+                    mesh=self.mesh))
+            pen = (f32(3, S), i32(S, self.config.max_model_len), i32(S)) if mode.penalties else None
+            hidden = jax.ShapeDtypeStruct((S, self.model_config.hidden_size), self.dtype)
+            return self._sample[mode].lower(self.head, hidden, i32(S), self.last_tokens,
+                                            i32(4 + self.num_banned, S), f32(3, S), pen)
+        kind, n = key
+        if kind == "table":
+            return self._update.lower(self.block_tables, i32(n), i32(n))
+        return self._copy.lower(self.kv_caches, i32(n), i32(n))
 
-    def _dummy_inputs(self, T, S, decode_only: bool = False) -> StepInputs:
-        zi = lambda *shape: np.zeros(shape, np.int32)
-        attn = AttentionMetadata(zi(T), zi(S, self.config.max_blocks_per_seq), zi(S), zi(S + 1),
-                                 np.int32(0), decode_only)
-        return StepInputs(zi(T), zi(T), attn, zi(S), zi(S), zi(S))
-
-    def _dummy_sampling(self, S, penalties) -> SamplingMetadata:
-        c = self.config
-        zi = lambda *shape: np.zeros(shape, np.int32)
-        pen = None
-        if penalties:
-            pen = PenaltyMetadata(np.ones(S, np.float32), np.zeros(S, np.float32),
-                                  np.zeros(S, np.float32), zi(S, c.max_model_len), zi(S))
-        sampling = SamplingMetadata(np.zeros(S, np.float32), zi(S), np.ones(S, np.float32),
-                                    np.zeros(S, np.float32), np.zeros(S, np.uint32), zi(S),
-                                    zi(S, self.num_banned), pen)
-        return sampling
-
-    def execute(self, out: SchedulerOutput) -> list[SampledRow]:
-        """Runs one step; returns one row per sampled sequence (forks included). Swap copies
-        (preemption_mode "swap") come first: out, then in.
+    # ----- one step ----------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> StepHandle:
+        """Dispatches one step and returns without waiting for it. Swap copies (preemption_mode
+        "swap") come first: out, then in.
 
         Whole long prompts (see `_ring_eligible`) run each as its own ring-attention prefill,
-        after the rest of the step (which carries the copy-on-write copies) as one ragged batch.
+        after the rest of the step as one ragged batch.
         """
+        t0 = time.perf_counter()
         if out.swap_out:  # before anything reuses the freed blocks
             self.host_kv.swap_out(self.kv_caches, out.swap_out)
         # Swap-ins fill only blocks just allocated to their sequences, never a copy-on-write
@@ -310,143 +411,145 @@ class ModelRunner:
         if out.swap_in:
             for self.kv_caches in self.host_kv.swap_in(self.kv_caches, out.swap_in):
                 pass
+        for seq in out.preempted:
+            self.batch.release(seq)
+        for item in out.scheduled:
+            for seq in (item.seq, *item.forks):
+                self.batch.assign(seq)
+                self.batch.sync_block_table(seq)
+        idx, vals = self.batch.take_table_updates()
+        if len(idx):
+            self._table_updates(idx, vals)
+        if out.block_copies:
+            src, dst = np.array(out.block_copies, np.int32).T
+            self._block_copies(src, dst)
         ring = [item for item in out.scheduled if self._ring_eligible(item)]
         rest = [item for item in out.scheduled if not self._ring_eligible(item)]
-        pending = []
-        if rest or out.block_copies:
-            pending.append(self._run(rest, out.block_copies, ring=False))
-        pending += [self._run([item], [], ring=True) for item in ring]
-        outputs = _host([(result, load) for _, result, load in pending])
-        rows = []
-        for (seqs, _, _), (result, _) in zip(pending, outputs):
-            rows += self._rows(seqs, result)
-        loads = [np.asarray(load, np.int64) for _, load in outputs if load is not None]
+        batches = []
+        if rest:
+            batches.append(self._run(rest, ring=False))
+        batches += [self._run([item], ring=True) for item in ring]
+        for _, result, load in batches:
+            _start_copy((result, load))
+        return StepHandle(batches, time.perf_counter() - t0)
+
+    def collect(self, handle: StepHandle) -> list[SampledRow]:
+        """Waits for a dispatched step; one row per sampled sequence (forks included)."""
+        rows, loads = [], []
+        for seqs, result, load in handle.batches:
+            result = _to_host(result)
+            tokens = result.tokens.tolist()
+            lps = result.logprobs.tolist() if result.logprobs is not None else None
+            for r, seq in enumerate(seqs):
+                n = seq.params.logprobs
+                top = []
+                if n:
+                    top = list(zip(result.top_ids[r, :n].tolist(),
+                                   result.top_logprobs[r, :n].tolist()))
+                rows.append(SampledRow(seq, tokens[r], lps[r] if lps is not None else None, top))
+            if load is not None:
+                loads.append(np.asarray(_to_host(load), np.int64))
         if loads:
             self.last_expert_load = sum(loads)
             self.total_expert_load = self.last_expert_load + (
                 0 if self.total_expert_load is None else self.total_expert_load)
         return rows
 
-    def _run(self, items: list[ScheduledSeq], copies: list[tuple[int, int]], ring: bool):
-        """Dispatches one batch (no host sync): -> (sampled sequences, SamplerOutput, load)."""
-        seqs = [seq for item in items if item.sample for seq in (item.seq, *item.forks)]
-        S = _bucket(self.seq_buckets, max(len(items), len(seqs), len(copies), 1))
+    def execute_sync(self, out: SchedulerOutput) -> list[SampledRow]:
+        return self.collect(self.execute(out))
+
+    def _run(self, items: list[ScheduledSeq], ring: bool):
+        """Dispatches one batch: -> (sampled sequences, SamplerOutput, load) on the device."""
+        num_rows = sum(1 + len(item.forks) for item in items if item.sample)
         num_tokens = sum(item.num_tokens for item in items)
-        decode = (not ring and bool(self.decode_buckets) and bool(items)
+        decode = (not ring and bool(self.decode_buckets)
                   and all(item.num_tokens == 1 for item in items))
         if decode:
+            S = _bucket(self.decode_buckets, max(len(items), num_rows))
             kind, T = "decode", S
         else:
+            S = _bucket(self.seq_buckets, max(len(items), num_rows, 1))
             kind = "ring" if ring else "forward"
             T = _bucket(self.ring_buckets if ring else self.token_buckets, max(num_tokens, S))
-        penalties = any(seq.params.uses_penalties for seq in seqs)
-        inputs = self._step_inputs(items, copies, T, S, decode_only=decode)
-        sampling = self._sampling_metadata(seqs, S, penalties)
-        if jax.process_count() > 1:  # the followers run the same step (see `follow`)
-            distributed.send_step((_KINDS.index(kind), T, S, int(penalties)), (inputs, sampling))
-        result, load = self._dispatch((kind, T, S), penalties, inputs, sampling)
-        return seqs, result, load
+        self.kind_counts[kind] += 1
+        step = build_step(items, self.batch, T, S)
+        sampling = build_sampling(step.rows, self.batch, S, self.config.max_model_len)
+        self._call((_OP_FORWARD, _KINDS.index(kind), T, S), (step.token_data, step.seq_data))
+        result, load = self._call((_OP_SAMPLE, S, _mode_bits(sampling.mode), 0),
+                                  (sampling.row_i32, sampling.row_f32, sampling.penalties))
+        return step.rows, result, load
 
-    def _dispatch(self, key: tuple, penalties: bool, inputs: StepInputs,
-                  sampling: SamplingMetadata):
-        self.kv_caches, hidden, load = self._compiled(key)(self.params, self.kv_caches, inputs)
-        result = self._compiled(("sample", key[2], penalties))(self.params, hidden, sampling)
-        return result, load
+    def _table_updates(self, idx: np.ndarray, vals: np.ndarray) -> None:
+        n = pow2_bucket(len(idx))
+        pad_idx = np.full(n, self.block_tables.size, np.int32)  # out of range: dropped
+        pad_idx[:len(idx)] = idx
+        pad_vals = np.zeros(n, np.int32)
+        pad_vals[:len(vals)] = vals
+        self._call((_OP_TABLE, n, 0, 0), (pad_idx, pad_vals))
+
+    def _block_copies(self, src: np.ndarray, dst: np.ndarray) -> None:
+        n = pow2_bucket(len(src))
+        pad_src = np.zeros(n, np.int32)
+        pad_src[:len(src)] = src
+        pad_dst = np.full(n, self.num_kv_blocks, np.int32)  # out of range: no copy
+        pad_dst[:len(dst)] = dst
+        self._call((_OP_COPY, n, 0, 0), (pad_src, pad_dst))
+
+    # ----- device calls, mirrored on the followers of a multi-host run --------------------------
+    def _call(self, header: tuple[int, ...], arrays):
+        """Runs one device call; process 0 of a multi-host run first sends it to the others."""
+        if jax.process_count() > 1:
+            distributed.send_step(header, arrays)
+        return self._apply(header, arrays)
+
+    def _apply(self, header: tuple[int, ...], arrays):
+        op, a, b, c = header
+        if op == _OP_TABLE:
+            self.block_tables = self._compiled(("table", a))(self.block_tables, *arrays)
+        elif op == _OP_COPY:
+            self.kv_caches = self._compiled(("copy", a))(self.kv_caches, *arrays)
+        elif op == _OP_FORWARD:
+            key = (_KINDS[a], b, c)
+            self.kv_caches, hidden, last_input, load = self._compiled(key)(
+                self.param_leaves, self.kv_caches, self.block_tables, self.last_tokens, *arrays)
+            self._forward_out = (hidden, last_input, load)
+        else:
+            hidden, last_input, load = self._forward_out
+            self._forward_out = None
+            result, self.last_tokens = self._compiled(("sample", a, _mode_of(b)))(
+                self.head, hidden, last_input, self.last_tokens, *arrays)
+            return result, load
+        return None
+
+    def _template(self, header: tuple[int, ...]):
+        """Zeros shaped like the arrays of a device call (what a follower receives)."""
+        op, a, b, c = header
+        zi = lambda *shape: np.zeros(shape, np.int32)
+        if op in (_OP_TABLE, _OP_COPY):
+            return zi(a), zi(a)
+        if op == _OP_FORWARD:
+            return zi(3, b), zi(4, c + 1)
+        S, mode = a, _mode_of(b)
+        pen = None
+        if mode.penalties:
+            pen = (np.zeros((3, S), np.float32), zi(S, self.config.max_model_len), zi(S))
+        return zi(4 + self.num_banned, S), np.zeros((3, S), np.float32), pen
 
     def follow(self) -> None:
-        """On processes other than 0: run every step process 0 broadcasts, until it calls
-        `release_followers`. The compiled functions' collectives keep the processes in step."""
-        while (header := distributed.receive_step_header(4)) is not None:
-            kind, T, S, penalties = _KINDS[header[0]], header[1], header[2], bool(header[3])
-            inputs, sampling = distributed.receive_step(
-                (self._dummy_inputs(T, S, decode_only=kind == "decode"),
-                 self._dummy_sampling(S, penalties)))
-            self._dispatch((kind, T, S), penalties, inputs, sampling)
+        """On processes other than 0: make every device call process 0 broadcasts, until it
+        calls `release_followers`. The compiled functions' collectives keep them in step."""
+        while (header := distributed.receive_step_header(_HEADER_LEN)) is not None:
+            self._apply(header, distributed.receive_step(self._template(header)))
 
     def release_followers(self) -> None:
         """On process 0 when serving ends: lets the other processes' `follow` return."""
         if jax.process_count() > 1:
-            distributed.send_stop(4)
+            distributed.send_stop(_HEADER_LEN)
 
-    def _step_inputs(self, items: list[ScheduledSeq], copies: list[tuple[int, int]], T: int,
-                     S: int, decode_only: bool = False) -> StepInputs:
-        c = self.config
-        input_ids = np.zeros(T, np.int32)
-        positions = np.zeros(T, np.int32)
-        num_slots = self.num_kv_blocks * c.block_size
-        slot_mapping = np.full(T, num_slots, np.int32)
-        block_tables = np.zeros((S, c.max_blocks_per_seq), np.int32)
-        kv_lens = np.zeros(S, np.int32)
-        cu_q_lens = np.zeros(S + 1, np.int32)
-        logits_indices = np.zeros(S, np.int32)
-        offset = 0
-        row = 0
-        for i, item in enumerate(items):
-            seq, n, start = item.seq, item.num_tokens, item.start
-            end = start + n
-            input_ids[offset:offset + n] = seq.token_ids[start:end]
-            pos = np.arange(start, end)
-            positions[offset:offset + n] = pos
-            table = np.asarray(seq.block_table, np.int32)
-            slot_mapping[offset:offset + n] = table[pos // c.block_size] * c.block_size + pos % c.block_size
-            block_tables[i, :len(table)] = table
-            kv_lens[i] = end
-            offset += n
-            cu_q_lens[i + 1] = offset
-            if item.sample:
-                for _ in (item.seq, *item.forks):
-                    logits_indices[row] = offset - 1
-                    row += 1
-        cu_q_lens[len(items) + 1:] = offset
-        copy_src = np.zeros(S, np.int32)
-        copy_dst = np.full(S, self.num_kv_blocks, np.int32)
-        for i, (src, dst) in enumerate(copies):
-            copy_src[i], copy_dst[i] = src, dst
-        attn = AttentionMetadata(slot_mapping, block_tables, kv_lens, cu_q_lens,
-                                 np.int32(len(items)), decode_only)
-        return StepInputs(input_ids, positions, attn, logits_indices, copy_src, copy_dst)
 
-    def _sampling_metadata(self, rows: list[Sequence], S: int, penalties: bool) -> SamplingMetadata:
-        c = self.config
-        temperature = np.zeros(S, np.float32)
-        top_k = np.zeros(S, np.int32)
-        top_p = np.ones(S, np.float32)
-        min_p = np.zeros(S, np.float32)
-        seeds = np.zeros(S, np.uint32)
-        steps = np.zeros(S, np.int32)
-        banned = np.full((S, self.num_banned), -1, np.int32)
-        for r, seq in enumerate(rows):
-            p = seq.params
-            temperature[r], top_k[r], top_p[r], min_p[r] = p.temperature, p.top_k, p.top_p, p.min_p
-            seeds[r] = seq.seed
-            steps[r] = len(seq.output_token_ids)
-            if len(seq.output_token_ids) < p.min_tokens:
-                ids = list(self.model_config.eos_token_ids) + list(p.stop_token_ids)
-                banned[r, :len(ids)] = ids
-        pen = None
-        if penalties:
-            rep = np.ones(S, np.float32)
-            pres = np.zeros(S, np.float32)
-            freq = np.zeros(S, np.float32)
-            history = np.full((S, c.max_model_len), -1, np.int32)
-            prompt_lens = np.zeros(S, np.int32)
-            for r, seq in enumerate(rows):
-                p = seq.params
-                if not p.uses_penalties:
-                    continue
-                rep[r], pres[r], freq[r] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-                ids = seq.token_ids
-                history[r, :len(ids)] = ids
-                prompt_lens[r] = seq.num_prompt_tokens
-            pen = PenaltyMetadata(rep, pres, freq, history, prompt_lens)
-        return SamplingMetadata(temperature, top_k, top_p, min_p, seeds, steps, banned, pen)
+def _mode_bits(mode: SamplerMode) -> int:
+    return int(mode.random) | int(mode.logprobs) << 1 | int(mode.penalties) << 2
 
-    def _rows(self, rows: list[Sequence], result: SamplerOutput) -> list[SampledRow]:
-        out = []
-        for r, seq in enumerate(rows):
-            n = seq.params.logprobs
-            top = []
-            if n:
-                top = list(zip(result.top_ids[r, :n].tolist(), result.top_logprobs[r, :n].tolist()))
-            out.append(SampledRow(seq, int(result.tokens[r]), float(result.logprobs[r]), top))
-        return out
+
+def _mode_of(bits: int) -> SamplerMode:
+    return SamplerMode(random=bool(bits & 1), logprobs=bool(bits & 2), penalties=bool(bits & 4))

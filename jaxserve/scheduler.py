@@ -100,7 +100,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if num_tokens == 0:  # a fork child that joined running in this very step
+            # 0: a fork child that joined running in this very step. At its length limit: its
+            # pending token ends it once read back (one step late), so no step is spent on it.
+            if num_tokens == 0 or self._at_length_limit(seq):
                 i += 1
                 continue
             while not self.kv_cache.allocate(seq, num_tokens):
@@ -118,7 +120,7 @@ class Scheduler:
 
         if not out_of_blocks:
             self._admit(scheduled, budget, now)
-        if not scheduled and self.waiting and not self.running:
+        if not scheduled and self.waiting and not self.running and self._admissible(now):
             self._reject_unfittable(now)
         self.policy.on_scheduled(scheduled)
         out = SchedulerOutput(scheduled, self.kv_cache.take_pending_copies(), preempted,
@@ -126,12 +128,28 @@ class Scheduler:
         self._swap_out, self._swap_in = [], []
         return out
 
+    def _at_length_limit(self, seq: Sequence) -> bool:
+        """Its tokens, pending ones included, reach max_tokens or max_model_len."""
+        if not seq.num_pending:
+            return False
+        max_tokens = seq.params.max_tokens or self.config.max_model_len
+        return (seq.num_output_tokens >= max_tokens
+                or seq.num_tokens >= self.config.max_model_len)
+
+    def _admissible(self, now: float) -> list[Sequence]:
+        """The waiting queue in the policy's order, less sequences whose last token is still
+        being read back from a step in flight (preempted while it ran)."""
+        return [s for s in self.policy.waiting_order(self.waiting, now) if not s.num_pending]
+
     def _yield_to_waiting(self, now: float) -> list[Sequence]:
         """Preempts running sequences that the policy ranks below the first waiting one, while
         that one could not start for want of a sequence slot or free KV blocks."""
         if not self.policy.preemptive or not self.waiting:
             return []
-        head = self.policy.waiting_order(self.waiting, now)[0]
+        order = self._admissible(now)
+        if not order:
+            return []
+        head = order[0]
         chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
         blocks = -(-chunk // self.kv_cache.block_size)
         slots = 1 + len(head.fork_children)
@@ -149,7 +167,7 @@ class Scheduler:
     def _admit(self, scheduled: list[ScheduledSeq], budget: int, now: float) -> None:
         if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
             return  # no room for anyone: skip ordering the queue
-        for seq in self.policy.waiting_order(self.waiting, now):
+        for seq in self._admissible(now):
             slots = 1 + len(seq.fork_children)
             if budget <= 0 or len(self.running) + slots > self.config.max_num_seqs:
                 break
@@ -221,7 +239,7 @@ class Scheduler:
 
     def _reject_unfittable(self, now: float) -> None:
         """Nothing runs and the next waiting sequence still does not fit: it never will."""
-        head = self.policy.waiting_order(self.waiting, now)[0]
+        head = self._admissible(now)[0]
         logger.warning("request %s needs more KV blocks than the cache has; finishing it",
                        head.request_id)
         self.waiting.remove(head)
@@ -235,13 +253,16 @@ class Scheduler:
         rejected, self.rejected = self.rejected, []
         return rejected
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends a sequence (stop, length, abort, error) and frees its blocks."""
+    def finish(self, seq: Sequence, reason: str, free_blocks: bool = True) -> None:
+        """Ends a sequence (stop, length, abort, error) and frees its blocks, unless
+        free_blocks is False: the caller frees them later (`kv_cache.free`), once no step in
+        flight reads them."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv_cache.free(seq)
+        if free_blocks:
+            self.kv_cache.free(seq)
         self.drop_swapped(seq)
         seq.finish(reason)
         self.policy.on_finish(seq)
@@ -262,5 +283,7 @@ class Scheduler:
     def on_step_done(self, output: SchedulerOutput) -> None:
         for item in output.scheduled:
             for seq in [item.seq, *item.forks]:
-                if not seq.is_finished:
+                # Not one preempted since (the overlapped loop reads a step after scheduling
+                # the next): its blocks are gone.
+                if seq.status == SequenceStatus.RUNNING:
                     self.kv_cache.cache_full_blocks(seq)

@@ -19,9 +19,10 @@ The event loop never waits on the engine: posting a command takes a lock held on
 a deque. The engine thread never waits on the event loop: call_soon_threadsafe only schedules.
 When there is nothing to run the thread sleeps on the condition, woken by the next command.
 
-A request's queue holds at most one item, the newest: a RequestOutput (cumulative, as
-Engine.step returns them, so an unread older one adds nothing; the last one has `finished`) or,
-if the engine itself fails, an EngineFault. A slow reader thus costs one output, not a backlog.
+A request's queue holds at most one item: a RequestOutput, or, if the engine itself fails, an
+EngineFault. An output that arrives before the last one is read is merged into it
+(`merge_outputs`: deltas appended, a whole final output replacing them), so a slow reader costs
+one output, not a backlog.
 """
 
 import asyncio
@@ -31,7 +32,7 @@ import logging
 import threading
 
 from jaxserve.engine import Engine, EngineStats
-from jaxserve.outputs import RequestOutput
+from jaxserve.outputs import RequestOutput, merge_outputs
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -185,8 +186,11 @@ class EngineLoop:
 
 def _put_all(deliveries: list[tuple[asyncio.Queue, RequestOutput | EngineFault]]) -> None:
     for queue, item in deliveries:
-        while not queue.empty():  # superseded: the new output holds everything the old one did
-            queue.get_nowait()
+        older = None
+        while not queue.empty():  # unread: the new item takes it in
+            older = queue.get_nowait()
+        if isinstance(item, RequestOutput) and isinstance(older, RequestOutput):
+            item = merge_outputs(older, item)
         queue.put_nowait(item)
 
 

@@ -62,7 +62,8 @@ def _sample(completion: CompletionOutput, tokens_from: int, text_from: int) -> p
 
 
 class StreamEncoder:
-    """Turns the cumulative RequestOutputs of one request into GenerateResponse deltas."""
+    """Turns the RequestOutputs of one request (deltas, then the whole final one) into
+    GenerateResponse deltas."""
 
     def __init__(self):
         self._sent: dict[int, tuple[int, int, bool]] = {}  # index -> (tokens, chars, finished)
@@ -72,10 +73,16 @@ class StreamEncoder:
         response = pb.GenerateResponse(request_id=output.request_id, finished=output.finished)
         for completion in output.outputs:
             sent = self._sent.get(completion.index, (0, 0, False))
-            now = (len(completion.token_ids), len(completion.text), completion.finish_reason is not None)
-            if now != sent:
-                response.samples.append(_sample(completion, sent[0], sent[1]))
-                self._sent[completion.index] = now
+            done = completion.finish_reason is not None
+            if output.delta:  # all of it is new
+                now = (sent[0] + len(completion.token_ids), sent[1] + len(completion.text), done)
+                if completion.token_ids or completion.text or done != sent[2]:
+                    response.samples.append(_sample(completion, 0, 0))
+            else:
+                now = (len(completion.token_ids), len(completion.text), done)
+                if now != sent:
+                    response.samples.append(_sample(completion, sent[0], sent[1]))
+            self._sent[completion.index] = now
         if output.finished:
             response.usage.CopyFrom(usage(output))
         elif not response.samples:

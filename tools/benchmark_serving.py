@@ -162,7 +162,10 @@ def run_offline() -> tuple[list[serving_stats.RequestRecord], dict]:
             outputs = engine.step()
             now = time.perf_counter()
             for output in outputs:
+                # Deltas carry the new tokens; the final output is whole.
                 num_tokens = sum(len(c.token_ids) for c in output.outputs)
+                if output.delta:
+                    num_tokens += seen[output.request_id]
                 records[output.request_id].add_chunk(now, num_tokens - seen[output.request_id])
                 seen[output.request_id] = num_tokens
         return list(records.values())  # in arrival order

@@ -42,14 +42,6 @@ def greedy_tokens(family: str, backend: str, preemption_mode: str
                           num_kv_blocks=FLAGS.num_kv_blocks, preemption_mode=preemption_mode,
                           swap_space_gib=0.25)
     engine = Engine(path, config, precompile=False, progress=False, skip_tokenizer=True)
-    kinds = {}
-    dispatch = engine.runner._dispatch
-
-    def counting(key, *args):
-        kinds[key[0]] = kinds.get(key[0], 0) + 1
-        return dispatch(key, *args)
-
-    engine.runner._dispatch = counting
     want = golden["greedy_tokens"] * FLAGS.copies
     params = SamplingParams(temperature=0.0, max_tokens=len(want[0]), ignore_eos=True)
     ids = [engine.add_request(p, params) for p in golden["prompts"] * FLAGS.copies]
@@ -58,6 +50,7 @@ def greedy_tokens(family: str, backend: str, preemption_mode: str
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
+    kinds = dict(engine.runner.kind_counts)
     stats = engine.stats()
     preemptions = {"preemptions": stats.num_preemptions, "swap_outs": stats.num_swap_outs,
                    "swap_slots_left": f"{stats.num_free_swap_slots}/{stats.num_swap_slots}",

@@ -136,8 +136,9 @@ def test_engine_and_simulator_finish_requests_in_the_same_order(make_engine, nam
     # small, so sequences are preempted and recomputed (with prefix-cache hits) on both sides.
     trace = _engine_trace()
     lengths = {r.request_id: r.output_len for r in trace}
+    # The simulator models the synchronous loop: each step read back before the next.
     engine = make_engine(max_num_seqs=3, max_num_batched_tokens=32, block_size=8, max_model_len=80,
-                         num_kv_blocks=10)
+                         num_kv_blocks=10, async_scheduling=False)
     engine.scheduler.policy = POLICIES[name](lengths)
     for r in trace:
         engine.add_request(list(r.prompt_token_ids),

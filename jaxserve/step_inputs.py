@@ -1,0 +1,135 @@
+"""The host arrays of one step: the scheduled chunks of a ragged batch, packed into a few int32
+and float32 arrays (one transfer each), built with numpy from the persistent batch.
+
+Layouts (T padded tokens, S padded sequences, also the padded sampled rows, B banned ids):
+
+    token_data [3, T] int32   0: token id, or -(slot + 1) for a token sampled by the step in
+                                 flight, which the device reads from that slot's last token
+                              1: position (-1 for padding: its K/V write is dropped)
+                              2: the token's batch slot (its block-table row)
+    seq_data [4, S + 1] int32 0: batch slot of each sequence (pad slot for padding); [0, S] is
+                                 the number of real sequences
+                              1: KV length after the step; 2: cu_q_lens; 3: logits index of
+                                 each sampled row
+    row_i32 [4 + B, S] int32  top_k, seed (uint32 bits), output index of the token sampled,
+                              batch slot (the sampled token goes to it), then the banned ids
+                              (-1 padded; EOS and stop ids while below min_tokens)
+    row_f32 [3, S] float32    temperature, top_p, min_p
+    penalties (when some row uses them): pen_f32 [3, S] (repetition, presence, frequency),
+                              history [S, max_model_len] int32 (the known tokens, -2 where the
+                              last one is still on the device, -1 padding), prompt_lens [S]
+
+Pure host code: reads Sequences and the InputBatch, returns numpy.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from jaxserve.input_batch import InputBatch
+from jaxserve.request import Sequence
+from jaxserve.sampler import SamplerMode
+from jaxserve.scheduler import ScheduledSeq
+
+
+@dataclasses.dataclass
+class StepArrays:
+    token_data: np.ndarray
+    seq_data: np.ndarray
+    rows: list[Sequence]  # the sampled sequences, in row order (forks right after their parent)
+
+
+@dataclasses.dataclass
+class SamplingArrays:
+    mode: SamplerMode
+    row_i32: np.ndarray
+    row_f32: np.ndarray
+    penalties: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # pen_f32, history, prompt_lens
+
+
+def build_step(items: list[ScheduledSeq], batch: InputBatch, T: int, S: int) -> StepArrays:
+    """Token and sequence arrays of one ragged batch; every sequence already holds a slot."""
+    n = len(items)
+    token_data = np.zeros((3, T), np.int32)
+    token_data[1] = -1
+    token_data[2] = batch.pad_slot
+    seq_data = np.zeros((4, S + 1), np.int32)
+    seq_data[0, :S] = batch.pad_slot
+    seq_data[0, S] = n
+    if not n:
+        return StepArrays(token_data, seq_data, [])
+    starts = np.fromiter((it.start for it in items), np.int64, n)
+    counts = np.fromiter((it.num_tokens for it in items), np.int64, n)
+    slots = np.fromiter((it.seq.slot for it in items), np.int64, n)
+    cu = np.zeros(S + 1, np.int64)
+    np.cumsum(counts, out=cu[1:n + 1])
+    cu[n + 1:] = cu[n]
+    total = int(cu[n])
+    token_data[1, :total] = np.arange(total) - np.repeat(cu[:n] - starts, counts)
+    token_data[2, :total] = np.repeat(slots, counts)
+    seq_data[0, :n] = slots
+    seq_data[1, :n] = starts + counts
+    seq_data[2] = cu
+    tokens = token_data[0]
+    rows: list[Sequence] = []
+    for i, item in enumerate(items):
+        seq, start, offset = item.seq, item.start, int(cu[i])
+        end = start + item.num_tokens
+        known_end = min(end, seq.num_known_tokens)
+        if known_end > start:
+            tokens[offset:offset + known_end - start] = seq.known_tokens(start, known_end)
+        if known_end < end:  # only the last token can be pending: it was just sampled
+            tokens[offset + end - 1 - start] = -(seq.slot + 1)
+        if item.sample:
+            rows.append(seq)
+            rows.extend(item.forks)
+    last = cu[1:n + 1] - 1
+    sampled = np.fromiter((1 + len(it.forks) if it.sample else 0 for it in items), np.int64, n)
+    seq_data[3, :len(rows)] = np.repeat(last, sampled)
+    return StepArrays(token_data, seq_data, rows)
+
+
+def build_sampling(rows: list[Sequence], batch: InputBatch, S: int,
+                   max_model_len: int) -> SamplingArrays:
+    """Sampling arrays for the rows (sampled before their pending count is raised)."""
+    r = len(rows)
+    slots = np.fromiter((s.slot for s in rows), np.int64, r)
+    steps = np.fromiter((s.num_output_tokens for s in rows), np.int64, r)
+    num_banned = batch.banned.shape[1]
+    row_i32 = np.zeros((4 + num_banned, S), np.int32)
+    row_i32[3] = batch.pad_slot
+    row_i32[4:] = -1
+    row_i32[0, :r] = batch.top_k[slots]
+    row_i32[1, :r] = batch.seeds[slots].view(np.int32)
+    row_i32[2, :r] = steps
+    row_i32[3, :r] = slots
+    below = steps < batch.min_tokens[slots]
+    row_i32[4:, :r] = np.where(below[:, None], batch.banned[slots], -1).T
+    row_f32 = np.zeros((3, S), np.float32)
+    row_f32[1] = 1.0
+    temperature = batch.temperature[slots]
+    row_f32[0, :r] = temperature
+    row_f32[1, :r] = batch.top_p[slots]
+    row_f32[2, :r] = batch.min_p[slots]
+    penalized = [i for i, s in enumerate(rows) if s.params.uses_penalties]
+    mode = SamplerMode(random=bool((temperature > 0).any()),
+                       logprobs=any(s.params.logprobs is not None for s in rows),
+                       penalties=bool(penalized))
+    penalties = None
+    if penalized:
+        pen_f32 = np.zeros((3, S), np.float32)
+        pen_f32[0] = 1.0
+        pen_f32[0, :r] = batch.repetition[slots]
+        pen_f32[1, :r] = batch.presence[slots]
+        pen_f32[2, :r] = batch.frequency[slots]
+        history = np.full((S, max_model_len), -1, np.int32)
+        prompt_lens = np.zeros(S, np.int32)
+        for i in penalized:
+            seq = rows[i]
+            known = seq.num_known_tokens
+            history[i, :known] = seq.token_ids
+            if seq.num_pending:
+                history[i, known] = -2
+            prompt_lens[i] = seq.num_prompt_tokens
+        penalties = (pen_f32, history, prompt_lens)
+    return SamplingArrays(mode, row_i32, row_f32, penalties)
