@@ -267,6 +267,7 @@ class ModelRunner:
                              out_shardings=cache_shardings, donate_argnums=(0,))
         self._forward_out = None  # (hidden, last_input, load) between a forward and its sample
         self.kind_counts: collections.Counter = collections.Counter()  # batches run, by kind
+        self.record: list | None = None  # when a list: each device call is appended (benchmarks)
         # ("forward" | "ring" | "decode", T, S) / ("sample", S, mode) / ("table" | "copy", n)
         self.compiled: dict[tuple, object] = {}
         # Tokens routed to each expert [num_layers, num_experts]: the last step's and the total.
@@ -500,7 +501,23 @@ class ModelRunner:
         """Runs one device call; process 0 of a multi-host run first sends it to the others."""
         if jax.process_count() > 1:
             distributed.send_step(header, arrays)
+        if self.record is not None:
+            self.record.append((header, arrays))
         return self._apply(header, arrays)
+
+    def replay(self, calls: list, n: int) -> float:
+        """Seconds per replay of recorded device calls (`record`), n times back to back with
+        nothing else on the host: the device-only time of the step they made. Benchmarks only:
+        it rewrites the cache slots the step wrote."""
+        for header, arrays in calls:
+            self._apply(header, arrays)
+        jax.block_until_ready((self.last_tokens, self.kv_caches))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for header, arrays in calls:
+                self._apply(header, arrays)
+        jax.block_until_ready((self.last_tokens, self.kv_caches))
+        return (time.perf_counter() - t0) / n
 
     def _apply(self, header: tuple[int, ...], arrays):
         op, a, b, c = header

@@ -31,8 +31,9 @@ def test_deadline_aborts_the_request(shared_server):
     generated_before = engine.num_generated_tokens
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:
+        # 240 greedy tokens take ~0.3 s on a CPU: a deadline well below that passes mid-run.
         shared_server.stub().Complete(pb.GenerateRequest(text="too slow", params=greedy(LONG)),
-                                      timeout=0.3)
+                                      timeout=0.05)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert shared_server.wait_idle()
     assert time.monotonic() - start < 5

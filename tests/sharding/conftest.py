@@ -9,12 +9,12 @@ import re
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxserve import SamplingParams
-from jaxserve.attention import AttentionMetadata
 from jaxserve.request import Sequence
-from jaxserve.runner import StepInputs, _bucket
+from jaxserve.runner import _bucket
+from jaxserve.scheduler import ScheduledSeq
+from jaxserve.step_inputs import build_step
 from tests.conftest import build_engine, fixture_path, run_to_completion
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
@@ -62,40 +62,27 @@ def last_position_logits(engine, prompt: list[int], ring: bool = False) -> np.nd
     n = len(prompt)
     seq = Sequence(-1, "logits", 0, list(prompt), SamplingParams(), 0, 0.0)
     assert engine.kv_cache.allocate(seq, n)
-    blocks = np.zeros(c.max_blocks_per_seq, np.int32)
-    blocks[:len(seq.block_table)] = seq.block_table
+    runner.batch.assign(seq)
+    runner.batch.sync_block_table(seq)
+    runner._table_updates(*runner.batch.take_table_updates())
     S = runner.seq_buckets[0]
     chunk = runner.ring_buckets[-1] if ring else runner.token_buckets[-1]
     if ring:
         assert n >= c.sequence_parallel_threshold and n <= chunk
-    hidden = None
+    kinds = ("forward", "ring", "decode")
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        T = _bucket(runner.ring_buckets if ring else runner.token_buckets, end - start)
-        ids = np.zeros(T, np.int32)
-        ids[:end - start] = prompt[start:end]
-        pos = np.zeros(T, np.int32)
-        pos[:end - start] = np.arange(start, end)
-        slots = np.full(T, runner.num_kv_blocks * c.block_size, np.int32)
-        slots[:end - start] = (blocks[np.arange(start, end) // c.block_size] * c.block_size
-                               + np.arange(start, end) % c.block_size)
-        tables = np.zeros((S, c.max_blocks_per_seq), np.int32)
-        tables[0] = blocks
-        kv_lens = np.zeros(S, np.int32)
-        kv_lens[0] = end
-        cu = np.full(S + 1, end - start, np.int32)
-        cu[0] = 0
-        logits_indices = np.zeros(S, np.int32)
-        logits_indices[0] = end - start - 1
-        inputs = StepInputs(ids, pos, AttentionMetadata(slots, tables, kv_lens, cu, np.int32(1)),
-                            logits_indices, np.zeros(S, np.int32),
-                            np.full(S, runner.num_kv_blocks, np.int32))
-        key = ("ring" if ring else "forward", T, S)
-        runner.kv_caches, hidden, _ = runner._compiled(key)(runner.params, runner.kv_caches, inputs)
+        T = _bucket(runner.ring_buckets if ring else runner.token_buckets, max(end - start, S))
+        step = build_step([ScheduledSeq(seq, start, end - start, end == n)], runner.batch, T, S)
+        runner._apply((3, kinds.index("ring" if ring else "forward"), T, S),
+                      (step.token_data, step.seq_data))
+    hidden = runner._forward_out[0]
+    runner._forward_out = None
+    runner.batch.release(seq)
     engine.kv_cache.free(seq)
-    compute = jax.jit(lambda params, h: nnx.merge(runner.graphdef, params).compute_logits(h))
+    head = runner.head.T if runner.tied else runner.head
     with jax.default_matmul_precision("highest"):
-        return np.asarray(compute(runner.params, hidden))[0]
+        return np.asarray(jax.jit(lambda h, w: h @ w)(hidden, head))[0]
 
 
 def assert_close(actual, expected, rtol=1e-5):

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from jaxserve import Engine, EngineConfig
+from jaxserve.sampler import SamplerMode
 from tests.conftest import build_engine, fixture_path
 from tests.sharding.conftest import (assert_close, collective_counts, engine_for, golden, greedy,
                                      last_position_logits, need_devices)
@@ -81,8 +82,8 @@ def test_step_collectives_are_exactly_the_megatron_ones(family, parallelism, num
     forward = collective_counts(runner._compiled(("forward", 16, 8)).as_text())
     assert forward == {"all-reduce": 2 * num_layers + 1, "all-gather": 0, "all-to-all": 0,
                        "collective-permute": 0, "reduce-scatter": 0}
-    for penalties in (False, True):
-        text = runner._compiled(("sample", 8, penalties)).as_text()
+    for mode in (SamplerMode(), SamplerMode(random=True, logprobs=True, penalties=True)):
+        text = runner._compiled(("sample", 8, mode)).as_text()
         assert collective_counts(text) == {"all-reduce": 0, "all-gather": 1, "all-to-all": 0,
                                            "collective-permute": 0, "reduce-scatter": 0}
         gathered = [line for line in text.splitlines() if " all-gather(" in line]
