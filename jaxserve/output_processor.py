@@ -113,9 +113,8 @@ def release_held(req: RequestState) -> None:
             req.held[seq.index] = ""
 
 
-def make_output(req: RequestState) -> RequestOutput:
+def make_output(req: RequestState, finished: bool) -> RequestOutput:
     """The request's output: what is new since its last output, or everything once finished."""
-    finished = req.finished
     outputs = []
     for s in req.seqs:
         i = s.index

@@ -2,14 +2,11 @@
 
 All scheduled tokens of all sequences form one ragged batch, padded to one of a fixed set of
 bucket shapes (tokens T x sequences S), so every step function is compiled once and reused. A
-step is two compiled pure functions dispatched back to back with no host sync between them:
-`forward_fn` (weights, KV caches, block tables, last tokens, step arrays -> caches, hidden
-states at the sampled rows), bucketed by kind and (T, S), and `sample_fn` (lm_head, hidden,
-sampling arrays -> tokens, written into each row's slot of `last_tokens`), bucketed by S and
-the `SamplerMode` (greedy-only, random, logprobs, penalties). Decode-only steps (one token per
-sequence) take T = S with fine S buckets (1, 2, 4, 8, 16, ... as vLLM captures graphs); mixed
-steps take coarse ones. The caches, block tables and last tokens are donated and updated in
-place.
+step is two compiled pure functions (jaxserve/step_fn.py) dispatched back to back with no host
+sync between them: the forward, bucketed by kind and (T, S), and the sampler, bucketed by S and
+the `SamplerMode`; its tokens go into each row's slot of `last_tokens`. Decode-only steps take
+T = S with fine S buckets (2, 4, 8, 16, ... as vLLM captures graphs); mixed steps coarse ones.
+The caches, block tables and last tokens are donated and updated in place.
 
 `execute` only dispatches: it returns a `StepHandle` whose results are copied to the host in the
 background, and `collect` reads them, so the engine can prepare the next step meanwhile
@@ -36,23 +33,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from jaxserve.attention import AttentionMetadata, copy_blocks, resolve_backend
+from jaxserve.attention import resolve_backend
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.input_batch import InputBatch
 from jaxserve.request import Sequence
-from jaxserve.sampler import PenaltyMetadata, SamplerMode, SamplingMetadata, sample
+from jaxserve.sampler import SamplerMode
 from jaxserve.scheduler import ScheduledSeq, SchedulerOutput
-from jaxserve.step_inputs import SamplingArrays, build_sampling, build_step
+from jaxserve.step_fn import copy_all, forward_fn, sample_fn, update_tables
+from jaxserve.step_inputs import build_sampling, build_step
 from jaxserve.swap import HostKVStore
 from sharding import distributed
-from sharding.mesh import (TOKEN_AXES, MeshShape, axis_size, constrain, make_mesh, replicated,
-                           round_up)
-from sharding.moe_dispatch import expert_load
-from sharding.partition_rules import (kv_cache_spec, kv_heads_sharded, param_rules,
-                                      param_shardings, vocab_sharded)
+from sharding.mesh import TOKEN_AXES, MeshShape, axis_size, make_mesh, replicated, round_up
+from sharding.partition_rules import kv_cache_spec, kv_heads_sharded, param_rules, param_shardings
 
 logger = logging.getLogger(__name__)
 
@@ -115,71 +110,6 @@ def _bucket(sizes: list[int], n: int) -> int:
         if size >= n:
             return size
     raise ValueError(f"batch of {n} exceeds the largest bucket {sizes[-1]}")
-
-
-def forward_fn(graphdef, treedef, param_leaves, kv_caches, block_tables, last_tokens,
-               token_data, seq_data, *, backend: str, block_size: int, decode_only: bool = False,
-               mesh: Mesh | None = None, ring_prefill: bool = False):
-    """The model over one ragged batch (layouts: jaxserve/step_inputs.py).
-
-    block_tables [num_slots + 1, max_blocks] and last_tokens [num_slots + 1] int32 are the
-    persistent batch's. -> (caches, hidden [S, D] at the sampled rows, their last input token
-    [S], tokens routed to each expert [num_layers, num_experts] int32 or None for a dense model).
-    """
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
-    S = seq_data.shape[1] - 1
-    tokens, positions, token_slots = token_data[0], token_data[1], token_data[2]
-    input_ids = jnp.where(tokens >= 0, tokens, last_tokens[jnp.maximum(-tokens - 1, 0)])
-    pos = jnp.maximum(positions, 0)
-    scratch_slot = (kv_caches[0][0].shape[0] - 1) * block_size  # the last block's first
-    blocks = block_tables[token_slots, pos // block_size]
-    slot_mapping = jnp.where(positions >= 0, blocks * block_size + pos % block_size,
-                             scratch_slot)
-    attn = AttentionMetadata(slot_mapping, block_tables[seq_data[0, :S]], seq_data[1, :S],
-                             seq_data[2], seq_data[0, S], decode_only)
-    routing = []  # each MoE layer's expert ids [T, k]
-    hidden, kv_caches = model(input_ids, pos, kv_caches, attn, backend, mesh=mesh,
-                              ring_prefill=ring_prefill, routing=routing)
-    load = None
-    if routing:
-        valid = positions >= 0
-        load = jnp.stack([expert_load(ids, model.config.num_experts, valid) for ids in routing])
-    logits_indices = seq_data[3, :S]
-    return kv_caches, hidden[logits_indices], input_ids[logits_indices], load
-
-
-def sample_fn(head, hidden, last_input, last_tokens, row_i32, row_f32, penalties, *,
-              mode: SamplerMode, max_logprobs: int, tied: bool, mesh: Mesh | None = None):
-    """Logits only at the sampled rows, then sampling; each row's token goes into its slot of
-    last_tokens (donated). head: the lm_head kernel [D, V], or the tied embedding [V, D].
-    -> (SamplerOutput, last_tokens)."""
-    logits = jnp.dot(hidden, head.T if tied else head, preferred_element_type=jnp.float32)
-    vocab = logits.shape[1]
-    if mesh is not None and vocab_sharded(vocab, mesh.shape["tensor"]):
-        # Logits come out split over the vocabulary (as the lm_head is) and are gathered once,
-        # here. Pinning both layouts keeps GSPMD from gathering the [D, V] lm_head instead.
-        logits = constrain(logits, mesh, PartitionSpec(None, "tensor"))
-    logits = constrain(logits, mesh, PartitionSpec())
-    pen = None
-    if penalties is not None:
-        pen_f32, history, prompt_lens = penalties
-        history = jnp.where(history == -2, last_input[:, None], history)
-        pen = PenaltyMetadata(pen_f32[0], pen_f32[1], pen_f32[2], history, prompt_lens)
-    md = SamplingMetadata(row_f32[0], row_i32[0], row_f32[1], row_f32[2],
-                          jax.lax.bitcast_convert_type(row_i32[1], jnp.uint32), row_i32[2],
-                          row_i32[4:].T, pen)
-    out = sample(logits, md, mode, max_logprobs)
-    return out, last_tokens.at[row_i32[3]].set(out.tokens)
-
-
-def _update_tables(block_tables, idx, vals):
-    """Writes vals [n] at flat indices idx [n] of block_tables (out of range: skipped)."""
-    flat = block_tables.reshape(-1).at[idx].set(vals, mode="drop")
-    return flat.reshape(block_tables.shape)
-
-
-def _copy_all(kv_caches, src, dst):
-    return [copy_blocks(c, src, dst) for c in kv_caches]
 
 
 def kv_block_bytes(model: ModelConfig, block_size: int, dtype) -> int:
@@ -261,9 +191,9 @@ class ModelRunner:
         self._sample_jit = functools.partial(
             jax.jit, in_shardings=(self.head_sharding, repl, repl, repl, repl, repl, repl),
             out_shardings=(repl, repl), donate_argnums=(3,))
-        self._update = jax.jit(_update_tables, in_shardings=(repl, repl, repl),
+        self._update = jax.jit(update_tables, in_shardings=(repl, repl, repl),
                                out_shardings=repl, donate_argnums=(0,))
-        self._copy = jax.jit(_copy_all, in_shardings=(cache_shardings, repl, repl),
+        self._copy = jax.jit(copy_all, in_shardings=(cache_shardings, repl, repl),
                              out_shardings=cache_shardings, donate_argnums=(0,))
         self._forward_out = None  # (hidden, last_input, load) between a forward and its sample
         self.kind_counts: collections.Counter = collections.Counter()  # batches run, by kind
@@ -456,9 +386,6 @@ class ModelRunner:
                 0 if self.total_expert_load is None else self.total_expert_load)
         return rows
 
-    def execute_sync(self, out: SchedulerOutput) -> list[SampledRow]:
-        return self.collect(self.execute(out))
-
     def _run(self, items: list[ScheduledSeq], ring: bool):
         """Dispatches one batch: -> (sampled sequences, SamplerOutput, load) on the device."""
         num_rows = sum(1 + len(item.forks) for item in items if item.sample)
@@ -532,7 +459,6 @@ class ModelRunner:
             self._forward_out = (hidden, last_input, load)
         else:
             hidden, last_input, load = self._forward_out
-            self._forward_out = None
             result, self.last_tokens = self._compiled(("sample", a, _mode_of(b)))(
                 self.head, hidden, last_input, self.last_tokens, *arrays)
             return result, load

@@ -51,7 +51,7 @@ def available(allow_cpu: bool = False) -> bool:
     """True when torch and transformers import and a CUDA device is visible (or allow_cpu)."""
     try:
         import torch
-        import transformers  # noqa: F401
+        import transformers  # noqa: F401 (imports, or the peer cannot run)
     except Exception:  # noqa: BLE001 - a broken install is as unavailable as a missing one
         return False
     return allow_cpu or torch.cuda.is_available()
