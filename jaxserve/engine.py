@@ -80,6 +80,8 @@ def enable_compilation_cache() -> None:
     if jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir",
                           os.path.join(jaxserve_cache_dir(), "jax-compilation"))
+        # Every step shape, however quick to compile: a small model's start-up is many of them.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 class Engine:

@@ -35,7 +35,8 @@ flags.DEFINE_integer("n", 1, "Samples per prompt.")
 flags.DEFINE_integer("sample_seed", None, "Per-request sampling seed.")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.")
-flags.DEFINE_bool("precompile", True, "Compile every step bucket before serving.")
+flags.DEFINE_bool("precompile", False, "Compile every step shape first; off: each shape when a "
+                  "step first needs it (a one-shot batch meets few of them).")
 flags.DEFINE_string("json_out", None, "Also write generations and the summary here as JSON.")
 
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
