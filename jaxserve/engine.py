@@ -362,7 +362,11 @@ class Engine:
         async_scheduling off, this one); returns an output for every request that changed."""
         sched = self.scheduler.schedule()
         touched: dict[str, RequestState] = {}
+        # Out of the running set, also in a step that ends up empty: their slots go back now.
+        for seq in sched.preempted:
+            self.runner.batch.release(seq)
         for seq in self.scheduler.take_rejected():
+            self.runner.batch.release(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
         flight = None if sched.is_empty else self._dispatch(sched, touched)
         previous, self._in_flight = self._in_flight, None
@@ -372,7 +376,13 @@ class Engine:
                 self._finish_step(previous, touched)
         elif flight is not None:
             self._finish_step(flight, touched)
-        return [self._output_or_finish(r) for r in touched.values()]
+        outputs = [self._output_or_finish(r) for r in touched.values()]
+        if not self.requests and self._in_flight is not None:
+            # Nothing left to overlap with: read the last step now (its tokens are all
+            # dropped), so that an idle engine holds no blocks.
+            flight, self._in_flight = self._in_flight, None
+            self._finish_step(flight, {})
+        return outputs
 
     def _dispatch(self, sched: SchedulerOutput, touched: dict) -> _InFlight | None:
         """Starts the step on the device; None when that failed (its sequences end with
@@ -434,6 +444,7 @@ class Engine:
         self.scheduler.on_step_done(flight.sched)
         for seq in flight.deferred_free:
             self.kv_cache.free(seq)
+        self.scheduler.frees_pending = bool(self._in_flight and self._in_flight.deferred_free)
 
     def _finish_seq(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence; its blocks wait for the step in flight when that step has it."""
@@ -442,6 +453,7 @@ class Engine:
         self.scheduler.finish(seq, reason, free_blocks=not in_flight)
         if in_flight:
             flight.deferred_free.append(seq)
+            self.scheduler.frees_pending = True
         self.runner.batch.release(seq)
 
     # ----- outputs -----------------------------------------------------------------------

@@ -77,6 +77,9 @@ class Scheduler:
         self._swap_in: list[tuple[int, int]] = []
         self._slots_read_this_step: list[int] = []  # freed at the next schedule()
         self.rejected: list[Sequence] = []  # finished by the scheduler itself, not yet reported
+        # Set by the engine while finished sequences' blocks wait for a step in flight to be
+        # read: they will be free, so nothing waiting is "too big for the cache" meanwhile.
+        self.frees_pending = False
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -120,7 +123,8 @@ class Scheduler:
 
         if not out_of_blocks:
             self._admit(scheduled, budget, now)
-        if not scheduled and self.waiting and not self.running and self._admissible(now):
+        if (not scheduled and self.waiting and not self.running and not self.frees_pending
+                and self._admissible(now)):
             self._reject_unfittable(now)
         self.policy.on_scheduled(scheduled)
         out = SchedulerOutput(scheduled, self.kv_cache.take_pending_copies(), preempted,
