@@ -1,8 +1,11 @@
-"""Weights in and out: Hugging Face safetensors (one file or sharded with an index) straight into
-device arrays of the chosen dtype, and Orbax save/restore of converted weights. No pickle, ever.
+"""Weights in and out: Hugging Face safetensors (one file or sharded with an index) and GGUF files
+straight into device arrays of the chosen dtype, and Orbax save/restore of converted weights.
+No pickle, ever.
 
 A model folder holds config.json, the weights (*.safetensors, or an `orbax/` checkpoint written
-by `tools/convert_checkpoint.py`) and, usually, tokenizer.json.
+by `tools/convert_checkpoint.py`) and, usually, tokenizer.json. A GGUF file holds all of it
+(jaxserve/gguf_checkpoint.py presents its tensors the way a safetensors file does, so both are
+read and sharded by the same code).
 """
 
 import contextlib
@@ -20,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from jaxserve import gguf_checkpoint
 from jaxserve.config import ModelConfig
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.models.llama import hf_weight_names
@@ -109,7 +113,7 @@ def _view(handle, path: str, name: str, want: tuple, perm: tuple[int, ...],
     if file_shape != tuple(expected):
         # Report shapes as the checkpoint file lays them out, not as our transposed layout.
         raise ValueError(f"model: tensor {name!r} has shape {file_shape}, expected "
-                         f"{tuple(expected)} from config.json")
+                         f"{tuple(expected)} from the model's config")
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(slice(*s.indices(n)) for s, n in zip(index, want))
@@ -158,8 +162,6 @@ def load_safetensors(model: nnx.Module, model_dir: str, dtype, sharding_for: Sha
     rather than one tensor or the whole model. The Hugging Face -> ours transposes apply to the
     slices (a shard of our [in, out] kernel is the transposed [out, in] slice of the file).
     """
-    config: ModelConfig = model.config
-    names = hf_weight_names(config)
     with contextlib.ExitStack() as stack:
         where: dict[str, tuple] = {}  # tensor name -> (open file, its path)
         for path in safetensors_files(model_dir):
@@ -169,54 +171,72 @@ def load_safetensors(model: nnx.Module, model_dir: str, dtype, sharding_for: Sha
                 raise ValueError(f"model: {path!r} is not a readable safetensors file: {e}") from e
             for name in handle.keys():
                 where[name] = (handle, path)
-        sources: dict[tuple, TensorSource] = {}
-        experts: dict[tuple, list] = {}
-        want = lambda param_path: tuple(_variable_at(model, param_path).shape)
-        for name, (handle, path) in where.items():
-            if name.endswith(_IGNORED_SUFFIXES):
-                continue
-            if name in names:
-                param_path, transpose = names[name]
-                shape = want(param_path)
-                sources[param_path] = _view(handle, path, name, shape,
-                                            (1, 0) if transpose else tuple(range(len(shape))))
-                continue
-            expert = _expert_weight(name, config) if config.num_experts else None
-            if expert is None:
-                logger.warning("model: ignoring unexpected tensor %s", name)
-                continue
-            param_path, index, transpose = expert
-            if index is None:  # the router, [E, D] in the file
-                sources[param_path] = _view(handle, path, name, want(param_path), (1, 0))
-            elif index == "fused" and param_path[-1] == "gate_up_proj":
-                # [E, 2F, D] -> w_gate = first F rows, w_up = the rest, each as [E, D, F].
-                for which_half, which in enumerate(("w_gate", "w_up")):
-                    ours = param_path[:-1] + (which,)
-                    sources[ours] = _view(handle, path, name, want(ours), (0, 2, 1),
-                                          half=(1, which_half))
-            elif index == "fused":  # down_proj [E, D, F] -> w_down [E, F, D]
-                ours = param_path[:-1] + ("w_down",)
-                sources[ours] = _view(handle, path, name, want(ours), (0, 2, 1))
-            else:  # experts.{e}.w1.weight: one expert's [out, in]
-                experts.setdefault(param_path, [None] * config.num_experts)
-                per_expert = want(param_path)[1:]
-                experts[param_path][index] = _view(handle, path, name, per_expert,
-                                                   (1, 0) if transpose else (0, 1))
-        for param_path, parts in experts.items():
-            missing = [i for i, p in enumerate(parts) if p is None]
-            if missing:
-                raise ValueError(f"model: experts {missing} of {'.'.join(map(str, param_path))} "
-                                 "are missing")
-            sources[param_path] = _stacked(parts)
-        expected = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-        missing = sorted(".".join(map(str, p)) for p in expected - set(sources))
+        load_tensors(model, where, model_dir, dtype, sharding_for, progress)
+
+
+def load_gguf(model: nnx.Module, path: str, dtype, sharding_for: ShardingFn = None,
+              progress: bool = True) -> None:
+    """Fills the abstract model's parameters from a GGUF file, each read, dequantized and placed
+    slice by slice as load_safetensors does (jaxserve/gguf_checkpoint.py)."""
+    handle = gguf_checkpoint.GGUFTensors(gguf_checkpoint.open_gguf(path), model.config)
+    load_tensors(model, {name: (handle, path) for name in handle.keys()}, path, dtype,
+                 sharding_for, progress)
+
+
+def load_tensors(model: nnx.Module, where: dict[str, tuple], model_dir: str, dtype,
+                 sharding_for: ShardingFn = None, progress: bool = True) -> None:
+    """Fills the abstract model's parameters from Hugging Face-named tensors: `where` maps each
+    name to (a handle with safetensors' get_slice interface, the file it is in)."""
+    config: ModelConfig = model.config
+    names = hf_weight_names(config)
+    sources: dict[tuple, TensorSource] = {}
+    experts: dict[tuple, list] = {}
+    want = lambda param_path: tuple(_variable_at(model, param_path).shape)
+    for name, (handle, path) in where.items():
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name in names:
+            param_path, transpose = names[name]
+            shape = want(param_path)
+            sources[param_path] = _view(handle, path, name, shape,
+                                        (1, 0) if transpose else tuple(range(len(shape))))
+            continue
+        expert = _expert_weight(name, config) if config.num_experts else None
+        if expert is None:
+            logger.warning("model: ignoring unexpected tensor %s", name)
+            continue
+        param_path, index, transpose = expert
+        if index is None:  # the router, [E, D] in the file
+            sources[param_path] = _view(handle, path, name, want(param_path), (1, 0))
+        elif index == "fused" and param_path[-1] == "gate_up_proj":
+            # [E, 2F, D] -> w_gate = first F rows, w_up = the rest, each as [E, D, F].
+            for which_half, which in enumerate(("w_gate", "w_up")):
+                ours = param_path[:-1] + (which,)
+                sources[ours] = _view(handle, path, name, want(ours), (0, 2, 1),
+                                      half=(1, which_half))
+        elif index == "fused":  # down_proj [E, D, F] -> w_down [E, F, D]
+            ours = param_path[:-1] + ("w_down",)
+            sources[ours] = _view(handle, path, name, want(ours), (0, 2, 1))
+        else:  # experts.{e}.w1.weight: one expert's [out, in]
+            experts.setdefault(param_path, [None] * config.num_experts)
+            per_expert = want(param_path)[1:]
+            experts[param_path][index] = _view(handle, path, name, per_expert,
+                                               (1, 0) if transpose else (0, 1))
+    for param_path, parts in experts.items():
+        missing = [i for i, p in enumerate(parts) if p is None]
         if missing:
-            raise ValueError(f"model: the checkpoint in {model_dir!r} lacks {len(missing)} weights, "
-                             f"e.g. {missing[:5]}")
-        for param_path, source in tqdm(sorted(sources.items(), key=lambda kv: str(kv[0])),
-                                       desc="loading weights", disable=not progress, unit="tensor"):
-            sharding = sharding_for(param_path) if sharding_for else None
-            _variable_at(model, param_path).set_value(_materialize(source, dtype, sharding))
+            raise ValueError(f"model: experts {missing} of {'.'.join(map(str, param_path))} "
+                             "are missing")
+        sources[param_path] = _stacked(parts)
+    expected = {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    missing = sorted(".".join(map(str, p)) for p in expected - set(sources))
+    if missing:
+        raise ValueError(f"model: the checkpoint in {model_dir!r} lacks {len(missing)} weights, "
+                         f"e.g. {missing[:5]}")
+    for param_path, source in tqdm(sorted(sources.items(), key=lambda kv: str(kv[0])),
+                                   desc="loading weights", disable=not progress, unit="tensor"):
+        sharding = sharding_for(param_path) if sharding_for else None
+        _variable_at(model, param_path).set_value(_materialize(source, dtype, sharding))
 
 
 def save_orbax(model: nnx.Module, path: str) -> None:
@@ -251,7 +271,7 @@ def param_sharding_fn(config: ModelConfig, mesh: Mesh) -> Callable[[tuple], Name
 
 def load_model(model_dir: str, dtype="bfloat16", mesh: Mesh | None = None,
                progress: bool = True, random_weights: bool = False) -> nnx.Module:
-    """Reads config.json and the weights of a model folder into a ready model.
+    """Reads config.json and the weights of a model folder (or a GGUF file) into a ready model.
 
     mesh: place every parameter sharded on it by the partition rules, each device reading only
       its own slices; None puts the whole model on the default device.
@@ -272,7 +292,9 @@ def load_model(model_dir: str, dtype="bfloat16", mesh: Mesh | None = None,
         return model
     model = abstract_model(config, dtype)
     orbax_dir = os.path.join(model_dir, ORBAX_SUBDIR)
-    if os.path.isdir(orbax_dir):
+    if gguf_checkpoint.is_gguf(model_dir):
+        load_gguf(model, model_dir, dtype, sharding_for, progress)
+    elif os.path.isdir(orbax_dir):
         load_orbax(model, orbax_dir, sharding_for)
     else:
         load_safetensors(model, model_dir, dtype, sharding_for, progress)

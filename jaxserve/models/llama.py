@@ -28,13 +28,16 @@ from sharding.parallel_attention import parallel_paged_attention
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [Dh/2] of the rotary embedding, with llama3 or linear scaling."""
+    """Inverse frequencies [Dh/2] of the rotary embedding, with llama3 or linear scaling, or
+    divided by explicit per-frequency factors (llama3 scaling as a GGUF file stores it)."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     scaling = config.rope_scaling_dict
     kind = scaling.get("rope_type")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    elif kind == "freq_factors":
+        inv_freq = inv_freq / np.asarray(scaling["freq_factors"], dtype=np.float64)
     elif kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
