@@ -16,7 +16,8 @@ from sharding.mesh import MeshShape, validate as validate_mesh
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 
 
-def _read_json(path: str) -> dict:
+def read_json_object(path: str) -> dict:
+    """The JSON object in `path`; ValueError naming the file when it is not one."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -41,7 +42,8 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # (("rope_type", "llama3"), ("factor", 8.0), ...) or None: a hashable form of rope_scaling.
+    # (("rope_type", "llama3"), ("factor", 8.0), ...) or None: a hashable form of rope_scaling;
+    # (("rope_type", "freq_factors"), ("freq_factors", (1.0, ...))) from a GGUF's rope_freqs.
     rope_scaling: tuple[tuple[str, object], ...] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
@@ -114,16 +116,21 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelConfig":
+        """From config.json of a model folder (EOS ids also from its generation_config.json and
+        tokenizer_config.json), or from the metadata of a GGUF file (a .gguf path, or a folder
+        holding one .gguf and no config.json)."""
+        # Both import this module: imported late.
+        from jaxserve import gguf_checkpoint
+        from jaxserve.generation_defaults import eos_token_ids
+        if gguf_checkpoint.is_gguf(model_dir):
+            return gguf_checkpoint.model_config_from_gguf(gguf_checkpoint.open_gguf(model_dir))
         path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model: no config.json in {model_dir!r}")
-        hf = _read_json(path)
-        gen_path = os.path.join(model_dir, "generation_config.json")
-        if os.path.isfile(gen_path):  # generation_config's eos list is the one generation uses
-            gen = _read_json(gen_path)
-            if gen.get("eos_token_id") is not None:
-                hf = dict(hf, eos_token_id=gen["eos_token_id"])
-        return cls.from_hf_dict(hf)
+        hf = read_json_object(path)
+        # Every EOS the model's files name stops generation: config.json's, generation_config's
+        # and the tokenizer's (jaxserve/generation_defaults.py).
+        return cls.from_hf_dict(dict(hf, eos_token_id=list(eos_token_ids(model_dir, hf))))
 
     @property
     def rope_scaling_dict(self) -> dict:

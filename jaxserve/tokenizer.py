@@ -1,4 +1,5 @@
-"""Tokenizer (Hugging Face `tokenizers`, from tokenizer.json) and incremental detokenization.
+"""Tokenizer (Hugging Face `tokenizers`, from tokenizer.json or a GGUF file's metadata) and
+incremental detokenization.
 
 Detokenizing token by token is not decoding each token alone: a character can span several
 byte-level tokens, and SentencePiece-style tokenizers change spacing with context. The
@@ -10,18 +11,32 @@ import os
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from jaxserve.chat_template import ChatTemplate
+from jaxserve.gguf_checkpoint import is_gguf, open_gguf
+from jaxserve.gguf_tokenizer import tokenizer_from_gguf
+
 _REPLACEMENT = "\ufffd"
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: HFTokenizer):
+    def __init__(self, tokenizer: HFTokenizer, chat_template: ChatTemplate = ChatTemplate()):
+        """chat_template: the model's (jaxserve/chat_template.py); empty if it has none."""
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.chat_template = chat_template
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "Tokenizer | None":
-        path = os.path.join(model_dir, "tokenizer.json")
-        return cls(HFTokenizer.from_file(path)) if os.path.isfile(path) else None
+        """From the folder's tokenizer.json, or a GGUF model's metadata; None if neither. The
+        chat template comes from the same place (tokenizer_config.json beside tokenizer.json)."""
+        if is_gguf(model_dir):
+            tok = tokenizer_from_gguf(open_gguf(model_dir))
+        else:
+            path = os.path.join(model_dir, "tokenizer.json")
+            if not os.path.isfile(path):
+                return None
+            tok = HFTokenizer.from_file(path)
+        return cls(tok, ChatTemplate.from_dir(model_dir))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

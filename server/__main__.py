@@ -1,6 +1,6 @@
 """`python -m server`: serve one model over gRPC.
 
-    python -m server                                   # the built-in tiny model on 127.0.0.1:50051
+    python -m server                                  # SmolLM2 (--model=smollm2), 127.0.0.1:50051
     python -m server --model=/ckpt/llama-3-8b --max_num_seqs=64 --metrics_port=9090
 
 Flags become an EngineConfig and a ServerConfig here, once. SIGTERM (or Ctrl-C) drains: new

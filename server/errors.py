@@ -25,6 +25,8 @@ def status_for_value_error(error: ValueError) -> tuple[grpc.StatusCode, str]:
     message = str(error)
     if message.startswith("prompt has "):  # longer than max_model_len allows
         return grpc.StatusCode.OUT_OF_RANGE, f"prompt: {message}"
+    if message.startswith("messages"):  # Chat's conversation: the message names its field
+        return grpc.StatusCode.INVALID_ARGUMENT, message
     return grpc.StatusCode.INVALID_ARGUMENT, f"{_proto_field(message)}: {message}"
 
 
@@ -32,6 +34,8 @@ def _proto_field(message: str) -> str:
     match = _SAMPLING_FIELD.match(message)
     if match:
         return f"params.{match.group(1)}"
+    if message.startswith("chat_template"):  # the model's template failed on Chat's messages
+        return "messages"
     if message.startswith("prompt_token_ids"):
         return "token_ids"
     if message.startswith("prompt"):

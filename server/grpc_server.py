@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jaxserve.engine import Engine
+from jaxserve.generation_defaults import GenerationDefaults
 from server.admission import Admission
 from server.auth import BearerTokenInterceptor
 from server.config import ServerConfig
@@ -104,10 +105,13 @@ class GrpcServer:
 
         threading.Thread(target=build, name="engine-load", daemon=True).start()
         engine = await asyncio.wrap_future(built)
+        # (A GGUF file's metadata is cached by now; a folder's is one small json file.)
+        defaults = await asyncio.to_thread(GenerationDefaults.from_model, engine.model_path)
         if self.admission.state == Admission.DRAINING:  # stopped while loading
             return
         self.engine_loop = EngineLoop(engine, asyncio.get_running_loop())
         self.engine_loop.start()
+        self.servicer.generation_defaults = defaults
         self.servicer.engine_loop = self.engine_loop
         self.admission.state = Admission.SERVING
         for service in ("", SERVICE_NAME):

@@ -5,6 +5,7 @@ far, so that a stream carries only what is new). No gRPC context, no engine thre
 """
 
 from jaxserve.engine import Engine
+from jaxserve.generation_defaults import GenerationDefaults
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from server.config import ServerConfig
@@ -28,14 +29,25 @@ def prompt_from_request(request: pb.GenerateRequest) -> str | list[int]:
     raise ValueError("prompt is not set: give text or token_ids")
 
 
-def sampling_params_from_proto(params: pb.SamplingParams) -> SamplingParams:
-    """Unset fields take SamplingParams' defaults; ValueError (from SamplingParams) when bad."""
+def chat_from_request(request: pb.ChatRequest) -> tuple[list[dict], bool]:
+    """(the conversation as jaxserve.LLM.chat takes it, add_generation_prompt: default True).
+    The messages are checked where they are rendered (jaxserve/chat_template.py)."""
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    return messages, (request.add_generation_prompt
+                      if request.HasField("add_generation_prompt") else True)
+
+
+def sampling_params_from_proto(params: pb.SamplingParams,
+                               defaults: GenerationDefaults = GenerationDefaults()
+                               ) -> SamplingParams:
+    """Fields set on the wire win; unset ones take the model's `defaults` (its
+    generation_config), then SamplingParams' own. ValueError (from SamplingParams) when bad."""
     kwargs = {name: getattr(params, name) for name in _SCALAR_FIELDS if params.HasField(name)}
     if params.stop:
         kwargs["stop"] = tuple(params.stop)
     if params.stop_token_ids:
         kwargs["stop_token_ids"] = tuple(params.stop_token_ids)
-    return SamplingParams(**kwargs)
+    return defaults.sampling_params(**kwargs)
 
 
 def usage(output: RequestOutput) -> pb.Usage:
@@ -114,4 +126,6 @@ def model_info(engine: Engine, server_config: ServerConfig) -> pb.ModelInfo:
             scheduling_policy=config.scheduling_policy, max_pending=server_config.max_pending),
         num_layers=model.num_layers, hidden_size=model.hidden_size, num_q_heads=model.num_q_heads,
         num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
-        eos_token_ids=list(model.eos_token_ids), has_tokenizer=engine.tokenizer is not None)
+        eos_token_ids=list(model.eos_token_ids), has_tokenizer=engine.tokenizer is not None,
+        has_chat_template=(engine.tokenizer is not None
+                           and engine.tokenizer.chat_template.template is not None))

@@ -42,6 +42,7 @@ from server.routing_policy import POLICIES, PrefixAffinity, make_policy
 logger = logging.getLogger(__name__)
 
 _FORWARDED_METADATA = ("authorization",)
+_STREAMING = ("Generate", "Chat")
 
 
 class RouterServicer(pb_grpc.JaxServeServicer):
@@ -52,6 +53,9 @@ class RouterServicer(pb_grpc.JaxServeServicer):
 
     async def Generate(self, request, context: grpc.aio.ServicerContext) -> None:
         await self._forward("Generate", request, context)  # messages go out by context.write
+
+    async def Chat(self, request, context: grpc.aio.ServicerContext) -> None:
+        await self._forward("Chat", request, context)
 
     async def Complete(self, request, context: grpc.aio.ServicerContext):
         return await self._forward("Complete", request, context)
@@ -83,7 +87,7 @@ class RouterServicer(pb_grpc.JaxServeServicer):
             sent = False
             try:
                 with self._pool.track(backend):
-                    if method != "Generate":
+                    if method not in _STREAMING:
                         return await call
                     async for response in call:
                         sent = True

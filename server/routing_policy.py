@@ -95,7 +95,10 @@ class PrefixAffinity:
         return hashed
 
     def prefix_key(self, request: Message) -> bytes | None:
-        """The bytes that decide a Generate/Complete call's backend; None for other calls."""
+        """The bytes that decide a Generate/Complete/Chat call's backend; None for other calls."""
+        if isinstance(request, pb.ChatRequest):  # its prompt starts where its conversation does
+            turns = "".join(f"{m.role}\n{m.content}\n" for m in request.messages)
+            return b"chat:" + turns[:self.prefix_chars].encode() if turns else None
         if not isinstance(request, pb.GenerateRequest):
             return None
         which = request.WhichOneof("prompt")

@@ -1,10 +1,14 @@
 """The jaxserve.v1.JaxServe service on grpc.aio: calls in, engine-loop requests, statuses out.
 
-Generate and Complete share one path (`_outputs`): take an admission slot, turn the proto into
-a prompt and SamplingParams, add the request through the engine loop, then read its outputs
-until the last. Every way a call can end maps to one status:
+Generate, Complete and Chat share one path (`_outputs`): take an admission slot, turn the proto
+into a prompt and SamplingParams, add the request through the engine loop, then read its outputs
+until the last. Chat differs only in its prompt: the messages rendered by the model's chat
+template and tokenized (jaxserve/chat_template.py), on a worker thread, not the event loop.
+Every way a call can end maps to one status:
 
     bad params (the engine's ValueError)     INVALID_ARGUMENT, the field first
+    bad messages, or the template refuses    INVALID_ARGUMENT, "messages: ..."
+    Chat to a model without a chat template  FAILED_PRECONDITION
     prompt longer than the context           OUT_OF_RANGE, with the limit
     max_pending requests already in flight   RESOURCE_EXHAUSTED, `retry-after-ms` trailer
     loading or draining                      UNAVAILABLE
@@ -19,6 +23,8 @@ import contextlib
 
 import grpc
 
+from jaxserve.chat_template import NoChatTemplateError, encode_chat
+from jaxserve.generation_defaults import GenerationDefaults
 from jaxserve.outputs import RequestOutput
 from server import proto_convert
 from server.admission import Admission
@@ -36,15 +42,20 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         self.metrics = metrics
         self.config = config
         self.engine_loop: EngineLoop | None = None  # set once the model is loaded
+        # The model's sampling defaults for fields a request leaves unset; set with engine_loop.
+        self.generation_defaults = GenerationDefaults()
 
     # ----- generation ------------------------------------------------------------------------
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def Generate(self, request: pb.GenerateRequest | pb.ChatRequest,
+                       context: grpc.aio.ServicerContext):
         encoder = proto_convert.StreamEncoder()
         async with contextlib.aclosing(self._outputs(request, context)) as outputs:
             async for output in outputs:
                 response = encoder.encode(output)
                 if response is not None:
                     yield response
+
+    Chat = Generate  # the same stream; only the prompt is made differently (`_prompt`)
 
     async def Complete(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> pb.CompleteResponse:
@@ -54,7 +65,8 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
                 last = output
         return proto_convert.complete_response(last)
 
-    async def _outputs(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def _outputs(self, request: pb.GenerateRequest | pb.ChatRequest,
+                       context: grpc.aio.ServicerContext):
         """Yields the request's RequestOutputs, the last one finished; aborts the call otherwise."""
         code = grpc.StatusCode.OK
         try:
@@ -81,17 +93,34 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         finally:
             self.metrics.requests.labels(code=code.name).inc()
 
-    async def _add(self, request: pb.GenerateRequest) -> tuple[str, asyncio.Queue]:
+    async def _add(self, request: pb.GenerateRequest | pb.ChatRequest
+                   ) -> tuple[str, asyncio.Queue]:
         try:
-            prompt = proto_convert.prompt_from_request(request)
-            params = proto_convert.sampling_params_from_proto(request.params)
+            prompt = await self._prompt(request)
+            params = proto_convert.sampling_params_from_proto(request.params,
+                                                              self.generation_defaults)
             return await self.engine_loop.add_request(
                 prompt, params, priority=request.priority, client_id=request.client_id)
+        except NoChatTemplateError as e:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
         except ValueError as e:
             raise StatusError(*status_for_value_error(e)) from e
         except Exception as e:  # an engine fault on this request alone (logged by the engine loop)
             raise StatusError(grpc.StatusCode.INTERNAL,
                               "adding the request failed; see the server log") from e
+
+    async def _prompt(self, request: pb.GenerateRequest | pb.ChatRequest) -> str | list[int]:
+        """A Generate request's text or token ids; a Chat request's messages rendered and
+        tokenized, on a worker thread (a long conversation is milliseconds of Python)."""
+        if isinstance(request, pb.GenerateRequest):
+            return proto_convert.prompt_from_request(request)
+        tokenizer = self.engine_loop.engine.tokenizer
+        if tokenizer is None:
+            raise NoChatTemplateError("chat_template: this model has no tokenizer, so no chat "
+                                      "template; send Generate with token ids")
+        messages, add_generation_prompt = proto_convert.chat_from_request(request)
+        _, ids = await asyncio.to_thread(encode_chat, tokenizer, messages, add_generation_prompt)
+        return ids
 
     def _check(self, output: RequestOutput | EngineFault, request_id: str) -> None:
         """Raises StatusError for an output that ends the call with an error."""

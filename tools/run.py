@@ -1,6 +1,8 @@
 """CLI runner: generate text for prompts and print a throughput summary.
 
+    python -m tools.run                                  # SmolLM2 on three prompts, greedy
     python -m tools.run --prompt="Hello" --max_tokens=32
+    python -m tools.run --chat --prompt="What is 2+2?"   # a user turn, in the chat template
     python -m tools.run --model=/ckpt/llama-3-8b --prompts_file=prompts.txt --temperature=0.7
 
 Multi-host: the same command on every host plus --coordinator_address, --num_processes and
@@ -14,7 +16,9 @@ import time
 from absl import app, flags
 
 from jaxserve import Engine, SamplingParams
-from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE
+from jaxserve.chat_template import encode_chat
+from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE, resolve_model_path
+from jaxserve.generation_defaults import GenerationDefaults
 from sharding import distributed
 from jaxserve.flags import (FLAGS, engine_class_from_flags, engine_config_from_flags,
                             initialize_distributed_from_flags)
@@ -22,6 +26,8 @@ from jaxserve.flags import (FLAGS, engine_class_from_flags, engine_config_from_f
 flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
 flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
 flags.DEFINE_integer("num_prompts", None, "Repeat the prompts cyclically up to this many requests.")
+# Sampling: a flag not given takes the model's default (its generation_config.json, as
+# max_new_tokens for --max_tokens) where it has one, else the flag's default.
 flags.DEFINE_integer("max_tokens", 32, "Tokens to generate per sample.")
 flags.DEFINE_integer("min_tokens", 0, "Tokens before EOS may end a sample.")
 flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
@@ -35,11 +41,19 @@ flags.DEFINE_integer("n", 1, "Samples per prompt.")
 flags.DEFINE_integer("sample_seed", None, "Per-request sampling seed.")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.")
+_SAMPLING_FLAGS = {name: name for name in (  # flag -> SamplingParams field
+    "n", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "max_tokens", "min_tokens", "stop", "ignore_eos")}
+_SAMPLING_FLAGS["sample_seed"] = "seed"
 flags.DEFINE_bool("precompile", False, "Compile every step shape first; off: each shape when a "
                   "step first needs it (a one-shot batch meets few of them).")
 flags.DEFINE_string("json_out", None, "Also write generations and the summary here as JSON.")
+flags.DEFINE_bool("chat", False, "Send each prompt as a user message, rendered by the model's "
+                  "chat template (tokenizer_config.json or GGUF metadata).")
+flags.DEFINE_string("system", None, "With --chat: a system message before each prompt.")
 
-DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+DEFAULT_PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
+                   "The best way to learn a new language is"]
 
 
 def _prompts() -> list[str]:
@@ -53,28 +67,45 @@ def _prompts() -> list[str]:
     return prompts
 
 
+def _chat_prompt_ids(engine: Engine, prompt: str) -> list[int]:
+    """--chat: the prompt as a user turn (after the --system message), templated and tokenized."""
+    if engine.tokenizer is None:
+        raise ValueError("--chat needs the model's tokenizer; this model has none")
+    system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
+    return encode_chat(engine.tokenizer, system + [{"role": "user", "content": prompt}])[1]
+
+
+def sampling_params_from_flags(defaults: GenerationDefaults) -> SamplingParams:
+    """The sampling flags given on the command line; for the others the model's `defaults`
+    where it has them, else the flags' own defaults."""
+    own = {field: FLAGS[flag].value for flag, field in _SAMPLING_FLAGS.items()}
+    own["stop"] = tuple(own["stop"])
+    given = {field: own[field] for flag, field in _SAMPLING_FLAGS.items() if FLAGS[flag].present}
+    return defaults.sampling_params(own, **given)
+
+
 def main(argv):
     del argv
     initialize_distributed_from_flags()
-    params = SamplingParams(
-        n=FLAGS.n, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-        min_p=FLAGS.min_p, repetition_penalty=FLAGS.repetition_penalty,
-        presence_penalty=FLAGS.presence_penalty, frequency_penalty=FLAGS.frequency_penalty,
-        seed=FLAGS.sample_seed, max_tokens=FLAGS.max_tokens, min_tokens=FLAGS.min_tokens,
-        stop=tuple(FLAGS.stop), ignore_eos=FLAGS.ignore_eos)
     t0 = time.perf_counter()
-    try:
+    try:  # a bad flag or checkpoint: its message names it
+        params = sampling_params_from_flags(
+            GenerationDefaults.from_model(resolve_model_path(FLAGS.model)))
         engine = engine_class_from_flags()(FLAGS.model, engine_config_from_flags(),
                                            precompile=FLAGS.precompile)
-    except ValueError as e:  # a bad flag or checkpoint: its message names it
+    except (ValueError, FileNotFoundError) as e:
         raise app.UsageError(str(e)) from e
     load_s = time.perf_counter() - t0
     if not distributed.is_leader():  # run process 0's steps until it is done
         engine.runner.follow()
         return 0
     prompts = _prompts()
+    try:  # no chat template, or one that refuses the messages
+        requests = [_chat_prompt_ids(engine, p) for p in prompts] if FLAGS.chat else prompts
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     t1 = time.perf_counter()
-    ids = [engine.add_request(p, params) for p in prompts]
+    ids = [engine.add_request(p, params) for p in requests]
     done = {}
     steps = 0
     while engine.has_unfinished_requests:

@@ -194,8 +194,9 @@ def test_llm_text_and_stop_strings_equal_one_engine():
     # The built-in model has a tokenizer: text, held-back stop-string tails and stop strings
     # cross the hand-over as in one engine.
     from jaxserve import LLM
-    args = dict(precompile=False, progress=False, dtype="float32", max_model_len=128,
-                max_num_seqs=4, max_num_batched_tokens=64, block_size=8)
+    from jaxserve.default_model import BUILTIN_MODEL
+    args = dict(model=BUILTIN_MODEL, precompile=False, progress=False, dtype="float32",
+                max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, block_size=8)
     prompts = ["The quick brown fox", "Once upon a time", "jax"]
     one = LLM(**args).generate(prompts, SamplingParams(max_tokens=16, temperature=0.0),
                                use_tqdm=False)

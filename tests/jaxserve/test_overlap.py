@@ -339,7 +339,7 @@ def test_stop_token_and_max_tokens_found_while_the_next_step_is_in_flight(pairs,
     assert_idle_and_clean(async_engine)
 
 
-# Regression (found by this test; it fails on commit 323db0b, fixed since): the scheduler finishes the head of the
+# Regression (fails on 323db0b): the scheduler finishes the head of the
 # waiting queue with "length" ("needs more KV blocks than the cache has") when nothing is running
 # and it does not fit in the free blocks (Scheduler._reject_unfittable). In the overlapped loop the
 # blocks of a sequence that ended on a stop token one step late are still held then, waiting for the
@@ -380,7 +380,7 @@ def _long_and_next_prompts():
     return long_prompt, next_prompt
 
 
-# Regression (found by this test; it fails on commit 323db0b, fixed since): a sequence preempted in a step that ends up
+# Regression (fails on 323db0b): a sequence preempted in a step that ends up
 # empty keeps its batch slot, and comes back with a stale block-table row. Here the long request's
 # last token is pending (Scheduler._at_length_limit skips it: nothing to run for it) while the next
 # one, half prefilled, needs blocks: it preempts itself, so nothing is scheduled and the engine does
@@ -412,7 +412,7 @@ def test_a_sequence_preempted_in_an_empty_step_comes_back_with_the_right_blocks(
     assert_idle_and_clean(engine)
 
 
-# Regression (found by this test; it fails on commit 323db0b, fixed since): the two bugs above together leak a batch slot
+# Regression (fails on 323db0b): the two bugs above together leak a batch slot
 # for good. The long request ends on a stop token, found one step late, so its 24 blocks wait for
 # the step in flight; "next", half prefilled and alone running, preempts itself in a step that ends
 # up empty (keeping its slot) and is then rejected as never fitting. It never runs again, so its
@@ -536,7 +536,7 @@ def test_stop_string_counts_only_after_min_tokens(llms):
         assert_idle_and_clean(llm.engine)
 
 
-# Regression (found by this test; it fails on commit 323db0b, fixed since): when the last running request ends on a stop
+# Regression (fails on 323db0b): when the last running request ends on a stop
 # string or stop token, it is found one step late, with the next step (holding that request) already
 # in flight. LLM.generate and LLM.stream return its final output without reading that step: the
 # engine is left with has_unfinished_requests True and the request's KV blocks held

@@ -106,8 +106,8 @@ def test_sigterm_lets_running_streams_finish_then_exits():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     cache = os.environ.get("JAXSERVE_TEST_JAX_CACHE", "/tmp/jaxserve-test-jax-cache")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port=0", "--noprecompile", "--grace_period_s=60",
-         f"--compilation_cache_dir={cache}", *limits],
+        [sys.executable, "-m", "server", "--model=builtin:tiny-llama", "--port=0",
+         "--noprecompile", "--grace_period_s=60", f"--compilation_cache_dir={cache}", *limits],
         cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     log, port = [], concurrent.futures.Future()
 

@@ -134,6 +134,11 @@ class FakeBackend(pb_grpc.JaxServeServicer):
         yield pb.GenerateResponse(request_id=self.name, finished=True, samples=[pb.SampleOutput(
             text="!", token_ids=[8], finish_reason=pb.FINISH_REASON_LENGTH)])
 
+    async def Chat(self, request, context):
+        await self._record("Chat", "|".join(m.content for m in request.messages), context)
+        yield pb.GenerateResponse(request_id=self.name, finished=True,
+                                  samples=[pb.SampleOutput(text=self.name)])
+
     async def Complete(self, request, context):
         await self._record("Complete", request.text, context)
         return pb.CompleteResponse(request_id=self.name, samples=[pb.SampleOutput(text=self.name)])
@@ -264,6 +269,23 @@ def test_prefix_affinity_keeps_a_prefix_on_one_backend_and_falls_back(cluster):
         cluster.run(backend.release())
     for h in held:
         list(h)
+
+
+def test_chat_is_streamed_and_a_conversation_stays_on_its_backend(cluster):
+    a, b, c = (cluster.backend(n) for n in "abc")
+    router = cluster.router([a, b, c], policy="prefix_affinity",
+                            prefix_affinity=PrefixAffinity(prefix_chars=24))
+    client = stub(router)
+
+    def chat(*contents: str) -> str:
+        messages = [pb.ChatMessage(role="user", content=x) for x in contents]
+        return "".join(s.text for r in client.Chat(pb.ChatRequest(messages=messages), timeout=10)
+                       for s in r.samples)
+
+    owners = {chat("You are kind and brief.", f"Turn {i}") for i in range(6)}
+    assert len(owners) == 1  # a growing conversation keeps its backend's prefix cache
+    assert {chat(f"{i:02d} another start") for i in range(48)} == {"a", "b", "c"}
+    assert sum(len(backend.prompts("Chat")) for backend in (a, b, c)) == 54
 
 
 def test_unhealthy_and_stopped_backends_are_skipped(cluster):

@@ -22,8 +22,8 @@ def test_reflection_lists_the_service(shared_server):
     assert SERVICE_NAME == "jaxserve.v1.JaxServe" and SERVICE_NAME in services
     assert "grpc.health.v1.Health" in services
     service = database.FindFileContainingSymbol(SERVICE_NAME).service[0]
-    assert {m.name for m in service.method} == {"Generate", "Complete", "Tokenize", "Detokenize",
-                                                "GetModelInfo"}
+    assert {m.name for m in service.method} == {"Generate", "Complete", "Chat", "Tokenize",
+                                                "Detokenize", "GetModelInfo"}
 
 
 def test_model_info_and_tokenizer(shared_server):

@@ -24,49 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajaxserve/v1/jaxserve.proto\x12\x0bjaxserve.v1\"\xe4\x04\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa9\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x11\n\tclient_id\x18\x05 \x01(\tB\x08\n\x06prompt\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\xdc\x01\n\x0cSampleOutput\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.jaxserve.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x42\r\n\x0bstop_reason\"L\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x15\n\routput_tokens\x18\x03 \x01(\x05\"\x87\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07samples\x18\x02 \x03(\x0b\x32\x19.jaxserve.v1.SampleOutput\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"u\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07samples\x18\x02 \x03(\x0b\x32\x19.jaxserve.v1.SampleOutput\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"M\n\x0bParallelism\x12\x0e\n\x06tensor\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x04 \x01(\x05\"\xab\x02\n\x0c\x45ngineLimits\x12\x14\n\x0cmax_num_seqs\x18\x01 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\x05\x12\x14\n\x0cmax_logprobs\x18\x05 \x01(\x05\x12\x1a\n\x12max_stop_token_ids\x18\x06 \x01(\x05\x12\x1d\n\x15\x65nable_prefix_caching\x18\x07 \x01(\x08\x12\x1e\n\x16\x65nable_chunked_prefill\x18\x08 \x01(\x08\x12\x19\n\x11\x61ttention_backend\x18\t \x01(\t\x12\x19\n\x11scheduling_policy\x18\n \x01(\t\x12\x13\n\x0bmax_pending\x18\x0b \x01(\x05\"\xdb\x02\n\tModelInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12-\n\x0bparallelism\x18\x06 \x01(\x0b\x32\x18.jaxserve.v1.Parallelism\x12)\n\x06limits\x18\x07 \x01(\x0b\x32\x19.jaxserve.v1.EngineLimits\x12\x12\n\nnum_layers\x18\x08 \x01(\x05\x12\x13\n\x0bhidden_size\x18\t \x01(\x05\x12\x13\n\x0bnum_q_heads\x18\n \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x0b \x01(\x05\x12\x10\n\x08head_dim\x18\x0c \x01(\x05\x12\x15\n\reos_token_ids\x18\r \x03(\x05\x12\x15\n\rhas_tokenizer\x18\x0e \x01(\x08*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x80\x03\n\x08JaxServe\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.CompleteResponse\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxserve.v1.DetokenizeRequest\x1a\x1f.jaxserve.v1.DetokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxserve.v1.GetModelInfoRequest\x1a\x16.jaxserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajaxserve/v1/jaxserve.proto\x12\x0bjaxserve.v1\"\xe4\x04\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa9\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x11\n\tclient_id\x18\x05 \x01(\tB\x08\n\x06prompt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc9\x01\n\x0b\x43hatRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.jaxserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x11\n\tclient_id\x18\x05 \x01(\tB\x18\n\x16_add_generation_prompt\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\xdc\x01\n\x0cSampleOutput\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.jaxserve.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x42\r\n\x0bstop_reason\"L\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\rcached_tokens\x18\x02 \x01(\x05\x12\x15\n\routput_tokens\x18\x03 \x01(\x05\"\x87\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07samples\x18\x02 \x03(\x0b\x32\x19.jaxserve.v1.SampleOutput\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"u\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07samples\x18\x02 \x03(\x0b\x32\x19.jaxserve.v1.SampleOutput\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"M\n\x0bParallelism\x12\x0e\n\x06tensor\x18\x01 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x04 \x01(\x05\"\xab\x02\n\x0c\x45ngineLimits\x12\x14\n\x0cmax_num_seqs\x18\x01 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\x05\x12\x14\n\x0cmax_logprobs\x18\x05 \x01(\x05\x12\x1a\n\x12max_stop_token_ids\x18\x06 \x01(\x05\x12\x1d\n\x15\x65nable_prefix_caching\x18\x07 \x01(\x08\x12\x1e\n\x16\x65nable_chunked_prefill\x18\x08 \x01(\x08\x12\x19\n\x11\x61ttention_backend\x18\t \x01(\t\x12\x19\n\x11scheduling_policy\x18\n \x01(\t\x12\x13\n\x0bmax_pending\x18\x0b \x01(\x05\"\xf6\x02\n\tModelInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12-\n\x0bparallelism\x18\x06 \x01(\x0b\x32\x18.jaxserve.v1.Parallelism\x12)\n\x06limits\x18\x07 \x01(\x0b\x32\x19.jaxserve.v1.EngineLimits\x12\x12\n\nnum_layers\x18\x08 \x01(\x05\x12\x13\n\x0bhidden_size\x18\t \x01(\x05\x12\x13\n\x0bnum_q_heads\x18\n \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x0b \x01(\x05\x12\x10\n\x08head_dim\x18\x0c \x01(\x05\x12\x15\n\reos_token_ids\x18\r \x03(\x05\x12\x15\n\rhas_tokenizer\x18\x0e \x01(\x08\x12\x19\n\x11has_chat_template\x18\x0f \x01(\x08*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc3\x03\n\x08JaxServe\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.CompleteResponse\x12\x41\n\x04\x43hat\x12\x18.jaxserve.v1.ChatRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxserve.v1.DetokenizeRequest\x1a\x1f.jaxserve.v1.DetokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxserve.v1.GetModelInfoRequest\x1a\x16.jaxserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jaxserve.v1.jaxserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2567
-  _globals['_FINISHREASON']._serialized_end=2662
+  _globals['_FINISHREASON']._serialized_start=2844
+  _globals['_FINISHREASON']._serialized_end=2939
   _globals['_SAMPLINGPARAMS']._serialized_start=44
   _globals['_SAMPLINGPARAMS']._serialized_end=656
   _globals['_TOKENIDS']._serialized_start=658
   _globals['_TOKENIDS']._serialized_end=681
   _globals['_GENERATEREQUEST']._serialized_start=684
   _globals['_GENERATEREQUEST']._serialized_end=853
-  _globals['_TOKENLOGPROB']._serialized_start=855
-  _globals['_TOKENLOGPROB']._serialized_end=942
-  _globals['_TOPLOGPROB']._serialized_start=944
-  _globals['_TOPLOGPROB']._serialized_end=991
-  _globals['_SAMPLEOUTPUT']._serialized_start=994
-  _globals['_SAMPLEOUTPUT']._serialized_end=1214
-  _globals['_USAGE']._serialized_start=1216
-  _globals['_USAGE']._serialized_end=1292
-  _globals['_GENERATERESPONSE']._serialized_start=1295
-  _globals['_GENERATERESPONSE']._serialized_end=1430
-  _globals['_COMPLETERESPONSE']._serialized_start=1432
-  _globals['_COMPLETERESPONSE']._serialized_end=1549
-  _globals['_TOKENIZEREQUEST']._serialized_start=1551
-  _globals['_TOKENIZEREQUEST']._serialized_end=1638
-  _globals['_TOKENIZERESPONSE']._serialized_start=1640
-  _globals['_TOKENIZERESPONSE']._serialized_end=1677
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1679
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1775
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1777
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1811
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1813
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1834
-  _globals['_PARALLELISM']._serialized_start=1836
-  _globals['_PARALLELISM']._serialized_end=1913
-  _globals['_ENGINELIMITS']._serialized_start=1916
-  _globals['_ENGINELIMITS']._serialized_end=2215
-  _globals['_MODELINFO']._serialized_start=2218
-  _globals['_MODELINFO']._serialized_end=2565
-  _globals['_JAXSERVE']._serialized_start=2665
-  _globals['_JAXSERVE']._serialized_end=3049
+  _globals['_CHATMESSAGE']._serialized_start=855
+  _globals['_CHATMESSAGE']._serialized_end=899
+  _globals['_CHATREQUEST']._serialized_start=902
+  _globals['_CHATREQUEST']._serialized_end=1103
+  _globals['_TOKENLOGPROB']._serialized_start=1105
+  _globals['_TOKENLOGPROB']._serialized_end=1192
+  _globals['_TOPLOGPROB']._serialized_start=1194
+  _globals['_TOPLOGPROB']._serialized_end=1241
+  _globals['_SAMPLEOUTPUT']._serialized_start=1244
+  _globals['_SAMPLEOUTPUT']._serialized_end=1464
+  _globals['_USAGE']._serialized_start=1466
+  _globals['_USAGE']._serialized_end=1542
+  _globals['_GENERATERESPONSE']._serialized_start=1545
+  _globals['_GENERATERESPONSE']._serialized_end=1680
+  _globals['_COMPLETERESPONSE']._serialized_start=1682
+  _globals['_COMPLETERESPONSE']._serialized_end=1799
+  _globals['_TOKENIZEREQUEST']._serialized_start=1801
+  _globals['_TOKENIZEREQUEST']._serialized_end=1888
+  _globals['_TOKENIZERESPONSE']._serialized_start=1890
+  _globals['_TOKENIZERESPONSE']._serialized_end=1927
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1929
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2025
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2027
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2061
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2063
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2084
+  _globals['_PARALLELISM']._serialized_start=2086
+  _globals['_PARALLELISM']._serialized_end=2163
+  _globals['_ENGINELIMITS']._serialized_start=2166
+  _globals['_ENGINELIMITS']._serialized_end=2465
+  _globals['_MODELINFO']._serialized_start=2468
+  _globals['_MODELINFO']._serialized_end=2842
+  _globals['_JAXSERVE']._serialized_start=2942
+  _globals['_JAXSERVE']._serialized_end=3393
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class JaxServeStub:
                 request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.CompleteResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/jaxserve.v1.JaxServe/Chat',
+                request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.ChatRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/jaxserve.v1.JaxServe/Tokenize',
                 request_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.TokenizeRequest.SerializeToString,
@@ -79,6 +84,15 @@ class JaxServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request, context):
+        """Streams the reply to a conversation, as Generate streams a completion (the same responses).
+        The model's chat template (GGUF metadata or tokenizer_config.json) renders the messages
+        into the prompt; a model without one answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Tokenize(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -109,6 +123,11 @@ def add_JaxServeServicer_to_server(servicer, server):
                     servicer.Complete,
                     request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.GenerateRequest.FromString,
                     response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.CompleteResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=jaxserve_dot_v1_dot_jaxserve__pb2.ChatRequest.FromString,
+                    response_serializer=jaxserve_dot_v1_dot_jaxserve__pb2.GenerateResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -180,6 +199,33 @@ class JaxServe:
             '/jaxserve.v1.JaxServe/Complete',
             jaxserve_dot_v1_dot_jaxserve__pb2.GenerateRequest.SerializeToString,
             jaxserve_dot_v1_dot_jaxserve__pb2.CompleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jaxserve.v1.JaxServe/Chat',
+            jaxserve_dot_v1_dot_jaxserve__pb2.ChatRequest.SerializeToString,
+            jaxserve_dot_v1_dot_jaxserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
