@@ -12,16 +12,19 @@ import shutil
 from absl import app, flags
 
 from jaxserve.checkpoint import ORBAX_SUBDIR, load_model, save_orbax
+from jaxserve.default_model import resolve_model_path
+from jaxserve.flags import FLAGS  # --model and --dtype, defined once for every tool
 
-flags.DEFINE_string("model", None, "Hugging Face checkpoint folder.", required=True)
 flags.DEFINE_string("out", None, "Output folder (must not exist yet).", required=True)
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored dtype.")
-FLAGS = flags.FLAGS
 
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def convert(model_dir: str, out_dir: str, dtype: str) -> None:
+    """model_dir: a Hugging Face checkpoint folder (config.json beside the weights)."""
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"--model {model_dir!r}: convert_checkpoint takes a Hugging Face "
+                         "checkpoint folder (config.json and *.safetensors)")
     if os.path.exists(out_dir):
         raise FileExistsError(f"--out {out_dir!r} already exists")
     model = load_model(model_dir, dtype)
@@ -34,7 +37,10 @@ def convert(model_dir: str, out_dir: str, dtype: str) -> None:
 
 def main(argv):
     del argv
-    convert(FLAGS.model, FLAGS.out, FLAGS.dtype)
+    try:
+        convert(resolve_model_path(FLAGS.model), FLAGS.out, FLAGS.dtype)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise app.UsageError(str(e)) from e
     print(f"wrote {FLAGS.out}")
 
 
