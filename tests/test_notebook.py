@@ -5,21 +5,14 @@ import os
 
 import pytest
 
-from jaxserve.default_model import SMOLLM2_INSTALL, smollm2_path
+from jaxserve.default_model import SMOLLM2_INSTALL
+from tests.conftest import smollm2_installed
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "examples", "quickstart.ipynb")
-
-
-def smollm2_installed() -> bool:
-    try:
-        smollm2_path()
-    except FileNotFoundError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(not smollm2_installed(), reason=SMOLLM2_INSTALL)

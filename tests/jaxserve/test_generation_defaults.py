@@ -14,9 +14,9 @@ import pytest
 from jaxserve import LLM, SamplingParams
 from jaxserve.config import ModelConfig
 from jaxserve.default_model import (BUILTIN_MODEL, DEFAULT_MODEL, SMOLLM2_FILE, SMOLLM2_INSTALL,
-                                    resolve_model_path, smollm2_path)
+                                    resolve_model_path)
 from jaxserve.generation_defaults import GenerationDefaults
-from tests.conftest import fixture_path
+from tests.conftest import fixture_path, smollm2_installed
 
 LIMITS = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=8,
               dtype="float32")
@@ -37,14 +37,6 @@ def llama3_with_generation_config(folder, generation_config: dict) -> str:
 
 
 # ----- the models that need no path ------------------------------------------------------------
-def smollm2_installed() -> bool:
-    try:
-        smollm2_path()
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def test_smollm2_is_the_default_model_and_the_builtin_stays_available():
     assert DEFAULT_MODEL == "smollm2"
     assert inspect.signature(LLM).parameters["model"].default == "smollm2"
