@@ -19,10 +19,11 @@ from tools.grpc_channel import open_channel
 
 flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the server.")
 flags.DEFINE_string("prompt", "Once upon a time", "The prompt text.")
-flags.DEFINE_integer("max_tokens", 64, "Tokens to generate.")
-flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
-flags.DEFINE_float("top_p", 1.0, "1 is off.")
-flags.DEFINE_integer("top_k", 0, "0 is off.")
+# Sampling flags not given are not sent: the server applies the model's defaults to them.
+flags.DEFINE_integer("max_tokens", 64, "Tokens to generate (not given: the server's default).")
+flags.DEFINE_float("temperature", 0.0, "0 is greedy (not given: the model's default).")
+flags.DEFINE_float("top_p", 1.0, "1 is off (not given: the model's default).")
+flags.DEFINE_integer("top_k", 0, "0 is off (not given: the model's default).")
 flags.DEFINE_integer("seed", None, "Sampling seed.")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_string("auth_token", "", "Bearer token, if the server wants one.")
@@ -34,8 +35,9 @@ FLAGS = flags.FLAGS
 
 async def stream() -> int:
     channel, metadata = open_channel(FLAGS.target, tls_ca=FLAGS.tls_ca, auth_token=FLAGS.auth_token)
-    params = pb.SamplingParams(max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
-                               top_p=FLAGS.top_p, top_k=FLAGS.top_k, stop=FLAGS.stop)
+    given = {name: FLAGS[name].value for name in ("max_tokens", "temperature", "top_p", "top_k")
+             if FLAGS[name].present}
+    params = pb.SamplingParams(stop=FLAGS.stop, **given)
     if FLAGS.seed is not None:
         params.seed = FLAGS.seed
     request = pb.GenerateRequest(text=FLAGS.prompt, params=params)
