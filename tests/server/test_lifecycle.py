@@ -92,7 +92,8 @@ def test_drain_lets_running_streams_finish(make_server):
 
 
 def test_drain_aborts_what_outlives_the_grace_period(make_server):
-    server = make_server(grace_period_s=0.3)
+    # 240 tokens take ~0.25 s on a CPU (the overlapped loop): a grace period well below it.
+    server = make_server(grace_period_s=0.05)
     streams = start_streams(server.stub(), 2, max_tokens=240)
     server.run(server.server.drain())
     for future in streams:
