@@ -200,11 +200,7 @@ class Engine:
             if not seq.is_finished:
                 self._finish_seq(seq, reason)
         out = self._finish_request(req)
-        if not self.requests and self._in_flight is not None:
-            # Nothing left to run: read the step in flight now (its tokens are all dropped), so
-            # that the engine is idle and every block free when abort returns.
-            flight, self._in_flight = self._in_flight, None
-            self._finish_step(flight, {})
+        self._read_in_flight_if_idle()
         return out
 
     # ----- prefill/decode hand-over (jaxserve/disaggregation.py) --------------------------
@@ -377,12 +373,15 @@ class Engine:
         elif flight is not None:
             self._finish_step(flight, touched)
         outputs = [self._output_or_finish(r) for r in touched.values()]
+        self._read_in_flight_if_idle()
+        return outputs
+
+    def _read_in_flight_if_idle(self) -> None:
+        """With no request left, nothing overlaps the step in flight: read it now (its tokens
+        are all dropped), so that an idle engine holds no blocks."""
         if not self.requests and self._in_flight is not None:
-            # Nothing left to overlap with: read the last step now (its tokens are all
-            # dropped), so that an idle engine holds no blocks.
             flight, self._in_flight = self._in_flight, None
             self._finish_step(flight, {})
-        return outputs
 
     def _dispatch(self, sched: SchedulerOutput, touched: dict) -> _InFlight | None:
         """Starts the step on the device; None when that failed (its sequences end with

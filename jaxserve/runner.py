@@ -342,8 +342,7 @@ class ModelRunner:
         if out.swap_in:
             for self.kv_caches in self.host_kv.swap_in(self.kv_caches, out.swap_in):
                 pass
-        for seq in out.preempted:  # (the engine has released them already)
-            self.batch.release(seq)
+        # The engine has released the slots of out.preempted (also when a step ends up empty).
         for item in out.scheduled:
             for seq in (item.seq, *item.forks):
                 self.batch.assign(seq)
