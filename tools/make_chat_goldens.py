@@ -140,23 +140,14 @@ def smollm2_goldens() -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tools.make_gguf_fixtures import SMOLLM2_FILE, smollm2_path
+    from tools.make_gguf_fixtures import SMOLLM2_FILE, smollm2_path, torch_greedy
     folder = os.path.dirname(smollm2_path())
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE,
                                                  dtype=torch.float32).eval()
     prompt = list(tok.apply_chat_template(CHAT_PROMPT, tokenize=True, return_dict=False,
                                           add_generation_prompt=True))
-    ids, gaps = list(prompt), []
-    with torch.no_grad():
-        for _ in range(CHAT_NEW_TOKENS):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            top2 = torch.topk(logits, 2).values
-            gaps.append(float(top2[0] - top2[1]))
-            ids.append(int(logits.argmax()))
-            if ids[-1] == tok.eos_token_id:
-                break
-    reply = ids[len(prompt):]
+    reply, gaps = torch_greedy(model, prompt, CHAT_NEW_TOKENS, tok.eos_token_id)
     return {"file": SMOLLM2_FILE, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
             "cases": _cases(tok, CONVERSATIONS),
             "chat_prompt": CHAT_PROMPT, "chat_prompt_ids": prompt, "max_tokens": CHAT_NEW_TOKENS,

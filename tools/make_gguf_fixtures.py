@@ -388,6 +388,23 @@ def smollm2_path() -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def torch_greedy(model, prompt: list[int], new_tokens: int,
+                 eos_token_id: int | None = None) -> tuple[list[int], list[float]]:
+    """A transformers model's greedy continuation of prompt (no cache: the plain reference),
+    stopping at eos_token_id if given; -> (new token ids, top-2 logit gap at each token)."""
+    import torch
+    ids, gaps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            top2 = torch.topk(logits, 2).values
+            gaps.append(float(top2[0] - top2[1]))
+            ids.append(int(logits.argmax()))
+            if ids[-1] == eos_token_id:
+                break
+    return ids[len(prompt):], gaps
+
+
 def smollm2_goldens() -> dict:
     """transformers' GGUF tokenizer ids for TEXTS and the float32 GGUF model's greedy tokens."""
     import torch
@@ -399,14 +416,9 @@ def smollm2_goldens() -> dict:
     prompts = [tok.encode(p) for p in SMOLLM2_PROMPTS]
     greedy_tokens, gaps = [], []
     for prompt in prompts:
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(SMOLLM2_NEW_TOKENS):
-                logits = model(torch.tensor([ids])).logits[0, -1]
-                top2 = torch.topk(logits, 2).values
-                gaps.append(float(top2[0] - top2[1]))
-                ids.append(int(logits.argmax()))
-        greedy_tokens.append(ids[len(prompt):])
+        new, prompt_gaps = torch_greedy(model, prompt, SMOLLM2_NEW_TOKENS)
+        greedy_tokens.append(new)
+        gaps += prompt_gaps
     return {"file": SMOLLM2_FILE, "texts": TEXTS,
             "ids": [tok.encode(t) for t in TEXTS],
             "prompts": SMOLLM2_PROMPTS, "prompt_ids": prompts, "greedy_tokens": greedy_tokens,
