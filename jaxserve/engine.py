@@ -39,6 +39,7 @@ from jaxserve.kv_handoff import KVHandoff, KVLayout, SeqHandoff
 from jaxserve.output_processor import RequestState, append_token, make_output, release_held
 from jaxserve.outputs import RequestOutput
 from jaxserve.request import Sequence, SequenceStatus
+from jaxserve.request_limits import check_prompt_size, check_prompt_tokens
 from jaxserve.runner import ModelRunner, StepHandle
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
@@ -150,6 +151,7 @@ class Engine:
 
     def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The prompt's token ids; ValueError naming the bad field. Changes nothing."""
+        check_prompt_size(prompt, self.config.max_model_len)  # before tokenizing it
         prompt_ids = self._prompt_ids(prompt)
         self._validate(prompt_ids, params)
         return prompt_ids
@@ -174,9 +176,7 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
-        if len(prompt_ids) >= c.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the limit is max_model_len - 1 "
-                             f"= {c.max_model_len - 1} (max_model_len {c.max_model_len})")
+        check_prompt_tokens(len(prompt_ids), c.max_model_len)
         if params.n > c.max_num_seqs:
             raise ValueError(f"SamplingParams.n ({params.n}) exceeds max_num_seqs ({c.max_num_seqs})")
         if params.logprobs is not None and params.logprobs > c.max_logprobs:

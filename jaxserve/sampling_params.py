@@ -3,6 +3,8 @@
 import dataclasses
 import math
 
+from jaxserve.request_limits import check_stop_strings
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -69,8 +71,7 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"SamplingParams.min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("SamplingParams.stop must hold non-empty strings")
+        check_stop_strings(self.stop)
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError("SamplingParams.stop_token_ids must hold non-negative integers")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
