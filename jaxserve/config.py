@@ -174,6 +174,16 @@ class EngineConfig:
       compilation_cache: keep compiled steps in JAX's persistent compilation cache, in the
         jaxserve cache folder (jaxserve/default_model.py), so a restart compiles nothing anew;
         a cache folder set in jax.config beforehand is used instead.
+      speculative_method: "none", "ngram" (prompt lookup: the latest earlier occurrence of the
+        sequence's last n tokens proposes the tokens that followed it) or "draft" (not
+        implemented yet: refused). Proposals are verified in one step (docs/SPECULATIVE.md).
+      num_speculative_tokens: tokens proposed per step and sequence (k); each speculating
+        sequence then runs k + 1 query tokens.
+      speculative_model: checkpoint of the draft model (same tokenizer), for method "draft".
+      ngram_min, ngram_max: the n-gram lengths prompt lookup tries, longest first.
+      speculative_min_acceptance: a sequence stops speculating once the share of its proposed
+        tokens accepted falls below this (judged over its last 32 proposed tokens), or after 16
+        steps in a row without a proposal; 0 keeps it speculating.
     """
 
     max_model_len: int | None = None
@@ -200,6 +210,12 @@ class EngineConfig:
     sequence_parallel_threshold: int = 1024
     async_scheduling: bool = True
     compilation_cache: bool = True
+    speculative_method: str = "none"
+    num_speculative_tokens: int = 4
+    speculative_model: str | None = None
+    ngram_min: int = 1
+    ngram_max: int = 4
+    speculative_min_acceptance: float = 0.25
 
     def __post_init__(self):
         def positive(name):
@@ -236,6 +252,39 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.swap_space_gib must be >= 0, got {self.swap_space_gib!r} (a finite number of GiB)")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
+        self._validate_speculation()
+
+    def _validate_speculation(self) -> None:
+        if self.speculative_method not in ("none", "ngram", "draft"):
+            raise ValueError("EngineConfig.speculative_method must be 'none', 'ngram' or 'draft', "
+                             f"got {self.speculative_method!r}")
+        for name in ("num_speculative_tokens", "ngram_min", "ngram_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"EngineConfig.ngram_min ({self.ngram_min}) must be <= ngram_max "
+                             f"({self.ngram_max})")
+        rate = self.speculative_min_acceptance
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            raise ValueError(f"EngineConfig.speculative_min_acceptance must be in [0, 1], got {rate!r}")
+        if self.speculative_method == "none":
+            return
+        if self.speculative_method == "draft":
+            raise ValueError("EngineConfig.speculative_method 'draft' (a draft model) is not "
+                             "implemented yet; use 'ngram' (docs/SPECULATIVE.md)")
+        if self.speculative_model is not None and self.speculative_method != "draft":
+            raise ValueError("EngineConfig.speculative_model is only for speculative_method 'draft'")
+        if self.num_speculative_tokens + 1 > self.max_num_batched_tokens:
+            raise ValueError(f"EngineConfig.num_speculative_tokens ({self.num_speculative_tokens}) "
+                             f"+ 1 must be <= max_num_batched_tokens ({self.max_num_batched_tokens})")
+        unsupported = [(self.disaggregation_role != "none", "disaggregation_role "
+                        f"{self.disaggregation_role!r}"),
+                       (self.sequence_parallel > 1, f"sequence_parallel {self.sequence_parallel}")]
+        for bad, what in unsupported:
+            if bad:
+                raise ValueError(f"EngineConfig.speculative_method {self.speculative_method!r} "
+                                 f"does not run with {what}; use speculative_method 'none'")
 
     def resolve(self, model: ModelConfig) -> "EngineConfig":
         """Fills max_model_len from the model and checks the limits against each other."""

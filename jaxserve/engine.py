@@ -40,10 +40,11 @@ from jaxserve.output_processor import RequestState, append_token, make_output, r
 from jaxserve.outputs import RequestOutput
 from jaxserve.request import Sequence, SequenceStatus
 from jaxserve.request_limits import check_prompt_size, check_prompt_tokens
-from jaxserve.runner import ModelRunner, StepHandle
+from jaxserve.runner import ModelRunner, SampledSeq, StepHandle
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
 from jaxserve.scheduling_policy import make_policy
+from jaxserve.spec_decode import NgramProposer, SpecState
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from sharding.mesh import MeshShape, make_mesh
 
@@ -57,6 +58,8 @@ class _InFlight:
     handle: StepHandle
     seq_ids: set[int]  # every sequence in it
     deferred_free: list[Sequence] = dataclasses.field(default_factory=list)  # blocks to free after
+    # A sampled sequence in it speculates: the next step waits for its tokens (docs/SPECULATIVE.md).
+    speculative: bool = False
 
 
 @dataclasses.dataclass
@@ -74,6 +77,9 @@ class EngineStats:
     num_swap_ins: int = 0  # readmissions of swapped-out sequences
     num_swap_slots: int = 0  # host slots for swapped-out (or handed-over) blocks
     num_free_swap_slots: int = 0
+    num_draft_tokens: int = 0  # proposed tokens verified (speculative decoding)
+    num_accepted_tokens: int = 0  # of those, accepted
+    num_spec_steps: int = 0  # verifications: (sequence, step) pairs that speculated
 
 
 def enable_compilation_cache() -> None:
@@ -115,6 +121,12 @@ class Engine:
         self._seed_rng = random.Random(self.config.seed)
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
+        c = self.config
+        self.proposer = None
+        if c.speculative_method == "ngram":
+            self.proposer = NgramProposer(c.num_speculative_tokens, c.ngram_min, c.ngram_max,
+                                          c.max_model_len, c.speculative_min_acceptance)
+        self.num_draft_tokens = self.num_accepted_tokens = self.num_spec_steps = 0
         # A prefill engine hands requests over right after their first token: no step ahead.
         self.async_scheduling = (self.config.async_scheduling
                                  and self.config.disaggregation_role != "prefill")
@@ -138,7 +150,8 @@ class Engine:
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         base_seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**32 - 64)
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(prompt_ids), params,
-                         (base_seed + i) % 2**32, arrival, priority=priority, client_id=client_id)
+                         (base_seed + i) % 2**32, arrival, priority=priority, client_id=client_id,
+                         spec=SpecState() if self.proposer else None)
                 for i in range(params.n)]
         seqs[0].fork_children = seqs[1:]
         detoks = [IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
@@ -355,9 +368,17 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Schedules and dispatches the next step, then finishes the one before it (or, with
-        async_scheduling off, this one); returns an output for every request that changed."""
-        sched = self.scheduler.schedule()
+        async_scheduling off, this one); returns an output for every request that changed.
+
+        A step in flight with a speculating sequence is read first: its proposals need its
+        tokens (docs/SPECULATIVE.md)."""
         touched: dict[str, RequestState] = {}
+        if self._in_flight is not None and self._in_flight.speculative:
+            flight, self._in_flight = self._in_flight, None
+            self._finish_step(flight, touched)
+        if self.proposer is not None:
+            self._propose()
+        sched = self.scheduler.schedule()
         # Out of the running set, also in a step that ends up empty: their slots go back now.
         for seq in sched.preempted:
             self.runner.batch.release(seq)
@@ -375,6 +396,18 @@ class Engine:
         outputs = [self._output_or_finish(r) for r in touched.values()]
         self._read_in_flight_if_idle()
         return outputs
+
+    def _propose(self) -> None:
+        """Proposals for the running speculating sequences whose tokens are all known."""
+        for seq in self.scheduler.running:
+            spec = seq.spec
+            if spec is None:
+                continue
+            if (spec.enabled and not seq.num_pending
+                    and seq.num_computed_tokens == seq.num_tokens - 1):
+                self.proposer.propose(seq)
+            else:
+                spec.proposals = []
 
     def _read_in_flight_if_idle(self) -> None:
         """With no request left, nothing overlaps the step in flight: read it now (its tokens
@@ -400,7 +433,8 @@ class Engine:
             max(0, min(i.start + i.num_tokens, i.seq.num_prompt_tokens) - i.start) for i in sched.scheduled)
         self.last_dispatch_s = handle.dispatch_s
         seq_ids = {seq.seq_id for item in sched.scheduled for seq in (item.seq, *item.forks)}
-        return _InFlight(sched, handle, seq_ids)
+        speculative = any(seq.spec is not None and seq.spec.enabled for seq in handle.rows)
+        return _InFlight(sched, handle, seq_ids, speculative=speculative)
 
     def _fail(self, sched: SchedulerOutput, touched: dict) -> None:
         for item in sched.scheduled:
@@ -429,21 +463,42 @@ class Engine:
             req = self.requests[seq.request_id]
             touched[req.request_id] = req
             try:
-                self.num_generated_tokens += 1
-                if seq.first_token_time is None:
-                    seq.first_token_time = now
-                reason = append_token(req, seq, row.token, row.logprob, row.top,
-                                      eos_token_ids=self.model_config.eos_token_ids,
-                                      max_model_len=self.config.max_model_len)
+                reason = self._append_tokens(req, row, now)
             except Exception:  # one request's bad state never takes the others down
                 logger.exception("request %s failed while processing its token", req.request_id)
                 reason = "error"
             if reason is not None:
                 self._finish_seq(seq, reason)
+            elif row.num_draft:
+                # Rejected proposals: their K/V slots are written over later, and the blocks
+                # taken for them alone go back now (no step in flight reads them: the loop
+                # waited for this step).
+                seq.num_computed_tokens = seq.num_known_tokens - 1
+                self.kv_cache.truncate(seq, seq.num_known_tokens)
         self.scheduler.on_step_done(flight.sched)
         for seq in flight.deferred_free:
             self.kv_cache.free(seq)
         self.scheduler.frees_pending = bool(self._in_flight and self._in_flight.deferred_free)
+
+    def _append_tokens(self, req: RequestState, row: SampledSeq, now: float) -> str | None:
+        """Appends a step's tokens for one sequence, one by one through the same stop checks
+        as without speculation; tokens after a stop are dropped. -> the finish reason."""
+        seq = row.seq
+        if row.num_draft:
+            self.num_draft_tokens += row.num_draft
+            self.num_accepted_tokens += row.num_accepted
+            self.num_spec_steps += 1
+            seq.spec.record(row.num_draft, row.num_accepted, self.config.speculative_min_acceptance)
+        for token, logprob, top in zip(row.tokens, row.logprobs, row.tops):
+            self.num_generated_tokens += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = append_token(req, seq, token, logprob, top,
+                                  eos_token_ids=self.model_config.eos_token_ids,
+                                  max_model_len=self.config.max_model_len)
+            if reason is not None:
+                return reason
+        return None
 
     def _finish_seq(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence; its blocks wait for the step in flight when that step has it."""
@@ -476,5 +531,7 @@ class Engine:
             num_prompt_tokens_computed=self.num_prompt_tokens_computed,
             num_swap_outs=self.scheduler.num_swap_outs, num_swap_ins=self.scheduler.num_swap_ins,
             num_swap_slots=self.scheduler.swap.num_slots,
-            num_free_swap_slots=self.scheduler.num_free_swap_slots)
+            num_free_swap_slots=self.scheduler.num_free_swap_slots,
+            num_draft_tokens=self.num_draft_tokens, num_accepted_tokens=self.num_accepted_tokens,
+            num_spec_steps=self.num_spec_steps)
 

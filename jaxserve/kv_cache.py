@@ -133,6 +133,17 @@ class KVCacheManager:
                 self.block_hashes[block] = h
         self.seq_hashes[seq.seq_id] = hashes
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Frees the blocks past the first `num_tokens` tokens: those allocated for rejected
+        proposals (speculative decoding). They were taken fresh for this sequence alone and
+        hold nothing hashed."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.appendleft(block)  # next to be handed out again
+
     def free(self, seq: Sequence) -> None:
         """Drops the sequence's references; its full blocks stay cached until evicted."""
         # Tail blocks first, so eviction takes the ends of prefixes before their beginnings.

@@ -3,8 +3,12 @@
 import dataclasses
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from jaxserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from jaxserve.spec_decode import SpecState
 
 
 class SequenceStatus(enum.Enum):
@@ -56,6 +60,8 @@ class Sequence:
     finished_time: float | None = None
     # Log-probabilities, filled when params.logprobs is not None.
     output_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    # Speculative decoding (jaxserve/spec_decode.py): None when the engine does not speculate.
+    spec: "SpecState | None" = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -41,6 +41,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.input_batch import InputBatch
 from jaxserve.request import Sequence
 from jaxserve.sampler import SamplerMode
+from jaxserve.spec_decode import accepted_prefix
 from jaxserve.scheduler import ScheduledSeq, SchedulerOutput
 from jaxserve.step_fn import copy_all, forward_fn, sample_fn, update_tables
 from jaxserve.step_inputs import build_sampling, build_step
@@ -58,22 +59,41 @@ _HEADER_LEN = 4
 
 
 @dataclasses.dataclass
-class SampledRow:
+class SampledSeq:
+    """What one step gave a sampled sequence: one token, or (speculating) the accepted
+    proposals and the token after them, in order; logprobs and tops per token."""
     seq: Sequence
-    token: int
-    logprob: float | None
-    top: list[tuple[int, float]]
+    tokens: list[int]
+    logprobs: list[float | None]
+    tops: list[list[tuple[int, float]]]
+    num_draft: int = 0  # proposals verified (0: the sequence did not speculate)
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.tokens) - 1 if self.num_draft else 0
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """One dispatched batch: its sampled rows (StepArrays' rows, offsets, drafts) and device
+    results."""
+    rows: list[Sequence]
+    drafts: list[int]  # per row: the proposal it verifies, -1 for none
+    first: list[bool]  # per row: the first row of its sequence
+    result: object  # SamplerOutput
+    load: object  # expert load or None
 
 
 @dataclasses.dataclass
 class StepHandle:
-    """A dispatched step: per batch, its sampled sequences (row order) and device results."""
-    batches: list[tuple[list[Sequence], object, object]]  # (rows, SamplerOutput, expert load)
+    """A dispatched step: its batches and how long building and dispatching them took."""
+    batches: list[StepBatch]
     dispatch_s: float  # host time spent building and dispatching it
 
     @property
     def rows(self) -> list[Sequence]:
-        return [seq for rows, _, _ in self.batches for seq in rows]
+        """The sampled sequences, each once."""
+        return [seq for b in self.batches for seq, first in zip(b.rows, b.first) if first]
 
 
 def bucket_sizes(lo: int, hi: int, coarse_below: int = 256) -> list[int]:
@@ -172,7 +192,12 @@ class ModelRunner:
         token_shards = axis_size(self.mesh, TOKEN_AXES)
         self.token_buckets = sorted({round_up(t, token_shards)
                                      for t in bucket_sizes(16, config.max_num_batched_tokens)})
-        self.seq_buckets = bucket_sizes(8, config.max_num_seqs)
+        # Speculating sequences sample k + 1 rows each (never more rows than tokens).
+        max_rows = config.max_num_seqs
+        if config.speculative_method != "none":
+            max_rows = min(config.max_num_batched_tokens,
+                           config.max_num_seqs * (config.num_speculative_tokens + 1))
+        self.seq_buckets = bucket_sizes(8, max_rows)
         self.ring_buckets = self._ring_buckets()
         # Decode-only steps run T = S over fine buckets (the paged decode kernel under Pallas).
         # Only without token sharding, where every device holds all the step's rows.
@@ -286,7 +311,9 @@ class ModelRunner:
         keys = [("forward", t, s) for t, s in self.buckets]
         keys += [("ring", t, self.seq_buckets[0]) for t in self.ring_buckets]
         keys += [("decode", s, s) for s in self.decode_buckets]
-        keys += [("sample", s, _mode_of(bits)) for s in self.sample_buckets for bits in range(8)]
+        num_modes = 16 if self.config.speculative_method != "none" else 8
+        keys += [("sample", s, _mode_of(bits)) for s in self.sample_buckets
+                 for bits in range(num_modes) if _mode_of(bits).random or not bits & 8]
         keys += [("table", n) for n in _pow2_upto(self.block_tables.size)]
         keys += [("copy", n) for n in _pow2_upto(self.config.max_num_seqs)]
         for key in tqdm(keys, desc="compiling step buckets", disable=not progress):
@@ -320,7 +347,7 @@ class ModelRunner:
             pen = (f32(3, S), i32(S, self.config.max_model_len), i32(S)) if mode.penalties else None
             hidden = jax.ShapeDtypeStruct((S, self.model_config.hidden_size), self.dtype)
             return self._sample[mode].lower(self.head, hidden, i32(S), self.last_tokens,
-                                            i32(4 + self.num_banned, S), f32(3, S), pen)
+                                            i32(5 + self.num_banned, S), f32(3, S), pen)
         kind, n = key
         if kind == "table":
             return self._update.lower(self.block_tables, i32(n), i32(n))
@@ -359,35 +386,47 @@ class ModelRunner:
         if rest:
             batches.append(self._run(rest, ring=False))
         batches += [self._run([item], ring=True) for item in ring]
-        for _, result, load in batches:
-            _start_copy((result, load))
+        for batch in batches:
+            _start_copy((batch.result, batch.load))
         return StepHandle(batches, time.perf_counter() - t0)
 
-    def collect(self, handle: StepHandle) -> list[SampledRow]:
-        """Waits for a dispatched step; one row per sampled sequence (forks included)."""
-        rows, loads = [], []
-        for seqs, result, load in handle.batches:
-            result = _to_host(result)
+    def collect(self, handle: StepHandle) -> list[SampledSeq]:
+        """Waits for a dispatched step; one entry per sampled sequence (forks included), a
+        speculating one's cut at its first rejected proposal (jaxserve/spec_decode.py)."""
+        out, loads = [], []
+        for batch in handle.batches:
+            result = _to_host(batch.result)
             tokens = result.tokens.tolist()
             lps = result.logprobs.tolist() if result.logprobs is not None else None
-            for r, seq in enumerate(seqs):
+            num_rows = len(batch.rows)
+            r = 0
+            while r < num_rows:
+                seq = batch.rows[r]
+                end = r + 1
+                while end < num_rows and not batch.first[end]:
+                    end += 1
+                drafts = batch.drafts[r:end - 1]
+                keep = accepted_prefix(tokens[r:end], drafts) + 1
                 n = seq.params.logprobs
-                top = []
-                if n:
-                    top = list(zip(result.top_ids[r, :n].tolist(),
-                                   result.top_logprobs[r, :n].tolist()))
-                rows.append(SampledRow(seq, tokens[r], lps[r] if lps is not None else None, top))
-            if load is not None:
-                loads.append(np.asarray(_to_host(load), np.int64))
+                tops = [list(zip(result.top_ids[i, :n].tolist(),
+                                 result.top_logprobs[i, :n].tolist())) if n else []
+                        for i in range(r, r + keep)]
+                out.append(SampledSeq(seq, tokens[r:r + keep],
+                                      lps[r:r + keep] if lps is not None else [None] * keep,
+                                      tops, num_draft=len(drafts)))
+                r = end
+            if batch.load is not None:
+                loads.append(np.asarray(_to_host(batch.load), np.int64))
         if loads:
             self.last_expert_load = sum(loads)
             self.total_expert_load = self.last_expert_load + (
                 0 if self.total_expert_load is None else self.total_expert_load)
-        return rows
+        return out
 
-    def _run(self, items: list[ScheduledSeq], ring: bool):
-        """Dispatches one batch: -> (sampled sequences, SamplerOutput, load) on the device."""
-        num_rows = sum(1 + len(item.forks) for item in items if item.sample)
+    def _run(self, items: list[ScheduledSeq], ring: bool) -> StepBatch:
+        """Dispatches one batch; its results stay on the device."""
+        num_rows = sum(len(item.spec_tokens) + 1 + len(item.forks) for item in items
+                       if item.sample)
         num_tokens = sum(item.num_tokens for item in items)
         decode = (not ring and bool(self.decode_buckets)
                   and all(item.num_tokens == 1 for item in items))
@@ -400,11 +439,13 @@ class ModelRunner:
             T = _bucket(self.ring_buckets if ring else self.token_buckets, max(num_tokens, S))
         self.kind_counts[kind] += 1
         step = build_step(items, self.batch, T, S)
-        sampling = build_sampling(step.rows, self.batch, S, self.config.max_model_len)
+        sampling = build_sampling(step.rows, self.batch, S, self.config.max_model_len,
+                                  step.row_offsets, step.drafts)
         self._call((_OP_FORWARD, _KINDS.index(kind), T, S), (step.token_data, step.seq_data))
         result, load = self._call((_OP_SAMPLE, S, _mode_bits(sampling.mode), 0),
                                   (sampling.row_i32, sampling.row_f32, sampling.penalties))
-        return step.rows, result, load
+        return StepBatch(step.rows, step.drafts.tolist(), (step.row_offsets == 0).tolist(),
+                         result, load)
 
     def _table_updates(self, idx: np.ndarray, vals: np.ndarray) -> None:
         n = pow2_bucket(len(idx))
@@ -475,7 +516,7 @@ class ModelRunner:
         pen = None
         if mode.penalties:
             pen = (np.zeros((3, S), np.float32), zi(S, self.config.max_model_len), zi(S))
-        return zi(4 + self.num_banned, S), np.zeros((3, S), np.float32), pen
+        return zi(5 + self.num_banned, S), np.zeros((3, S), np.float32), pen
 
     def follow(self) -> None:
         """On processes other than 0: make every device call process 0 broadcasts, until it
@@ -490,8 +531,10 @@ class ModelRunner:
 
 
 def _mode_bits(mode: SamplerMode) -> int:
-    return int(mode.random) | int(mode.logprobs) << 1 | int(mode.penalties) << 2
+    return (int(mode.random) | int(mode.logprobs) << 1 | int(mode.penalties) << 2
+            | int(mode.spec) << 3)
 
 
 def _mode_of(bits: int) -> SamplerMode:
-    return SamplerMode(random=bool(bits & 1), logprobs=bool(bits & 2), penalties=bool(bits & 4))
+    return SamplerMode(random=bool(bits & 1), logprobs=bool(bits & 2), penalties=bool(bits & 4),
+                       spec=bool(bits & 8))

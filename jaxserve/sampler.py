@@ -5,7 +5,9 @@ The path of one step (vLLM V1's order):
   raw logits -> logprobs (log_softmax of the raw logits, only when some row asked for them)
   -> penalties -> banned ids (-inf) -> greedy rows: argmax
   -> random rows: / temperature -> min-p -> top-k -> top-p (over what min-p and top-k kept)
-  -> one categorical draw per row.
+  -> one categorical draw per row; a row verifying a proposed token (speculative decoding)
+  keeps it or draws from the residual instead (jaxserve/spec_sampling.py). Greedy rows verify by
+  their argmax alone: a proposal is kept iff it equals it.
 
 The filters never sort the vocabulary. Each keeps an upper set of the row's values, so each is
 a per-row threshold, found exactly by a multi-way search over an order-preserving int32 encoding
@@ -25,6 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxserve.spec_sampling import verify_proposals
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplerMode:
@@ -33,16 +37,20 @@ class SamplerMode:
     random: bool = False  # some row has temperature > 0; else no filters and no RNG
     logprobs: bool = False  # some row asked for logprobs; else the output's logprob fields are None
     penalties: bool = False  # some row has a penalty; SamplingMetadata.penalties is set iff this is
+    # Some random row verifies a proposed token (speculative decoding, jaxserve/spec_sampling.py);
+    # SamplingMetadata.draft_ids is set iff this is.
+    spec: bool = False
 
     @classmethod
-    def of(cls, *, random, logprobs, penalties) -> "SamplerMode":
+    def of(cls, *, random, logprobs, penalties, spec=False) -> "SamplerMode":
         """From anything truthy (numpy bools included), so the mode stays hashable."""
-        return cls(random=bool(random), logprobs=bool(logprobs), penalties=bool(penalties))
+        return cls(random=bool(random), logprobs=bool(logprobs), penalties=bool(penalties),
+                   spec=bool(spec))
 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["temperature", "top_k", "top_p", "min_p", "seeds", "steps",
-                                "banned_ids", "penalties"],
+                                "banned_ids", "penalties", "draft_ids"],
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class SamplingMetadata:
@@ -54,6 +62,8 @@ class SamplingMetadata:
     steps: jax.Array  # [R] int32, output index of the token being sampled
     banned_ids: jax.Array  # [R, B] int32, -1 padded: EOS and stop ids while below min_tokens
     penalties: "PenaltyMetadata | None"  # None compiles the step without the penalty code
+    # [R] int32: the proposed token each row verifies, -1 for none; None: no row verifies.
+    draft_ids: jax.Array | None = None
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -212,7 +222,10 @@ def sample(logits: jax.Array, md: SamplingMetadata, mode: SamplerMode,
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode.random:
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(md.seeds, md.steps)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, md))
+        target = filtered_logits(logits, md)
+        drawn = jax.vmap(jax.random.categorical)(keys, target).astype(jnp.int32)
+        if md.draft_ids is not None:  # kept proposals, or draws from the residual
+            drawn = verify_proposals(keys, target, md.draft_ids, drawn)
         tokens = jnp.where(md.temperature > 0, drawn.astype(jnp.int32), tokens)
     if not mode.logprobs:
         return SamplerOutput(tokens, None, None, None)

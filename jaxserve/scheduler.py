@@ -36,6 +36,9 @@ class ScheduledSeq:
     num_tokens: int  # tokens of this sequence in the step
     sample: bool  # the chunk reaches the sequence's last token: sample the next one
     forks: list[Sequence] = dataclasses.field(default_factory=list)  # also sample from this row
+    # Proposed tokens verified in this step (speculative decoding): they run after the
+    # sequence's last token, inside num_tokens.
+    spec_tokens: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -103,11 +106,15 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            spec = seq.spec.proposals[:budget - 1] if seq.spec and num_tokens == 1 else []
+            num_tokens += len(spec)
             # 0: a fork child that joined running in this very step. At its length limit: its
             # pending token ends it once read back (one step late), so no step is spent on it.
             if num_tokens == 0 or self._at_length_limit(seq):
                 i += 1
                 continue
+            if spec and not self.kv_cache.allocate(seq, num_tokens):
+                num_tokens, spec = num_tokens - len(spec), []  # proposals never preempt
             while not self.kv_cache.allocate(seq, num_tokens):
                 victim = self.policy.preemption_victim(self.running[i:])
                 self._preempt(victim)
@@ -117,7 +124,7 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 continue  # it preempted itself; self.running[i] is now the next sequence
-            scheduled.append(self._take(seq, num_tokens))
+            scheduled.append(self._take(seq, num_tokens, spec))
             budget -= num_tokens
             i += 1
 
@@ -204,11 +211,13 @@ class Scheduler:
             scheduled.append(self._take(seq, num_tokens))
             budget -= num_tokens
 
-    def _take(self, seq: Sequence, num_tokens: int) -> ScheduledSeq:
+    def _take(self, seq: Sequence, num_tokens: int, spec: list[int] = ()) -> ScheduledSeq:
+        """num_tokens includes the proposals `spec`: num_computed_tokens runs past num_tokens
+        until the step is read and the engine sets it to the accepted length."""
         start = seq.num_computed_tokens
         seq.num_computed_tokens += num_tokens
-        sample = seq.num_computed_tokens == seq.num_tokens
-        item = ScheduledSeq(seq, start, num_tokens, sample)
+        sample = seq.num_computed_tokens >= seq.num_tokens
+        item = ScheduledSeq(seq, start, num_tokens, sample, spec_tokens=list(spec))
         if sample and seq.fork_children:
             for child in seq.fork_children:
                 self.kv_cache.fork(seq, child)

@@ -66,7 +66,7 @@ def sample_fn(head, hidden, last_input, last_tokens, row_i32, row_f32, penalties
         pen = PenaltyMetadata(pen_f32[0], pen_f32[1], pen_f32[2], history, prompt_lens)
     md = SamplingMetadata(row_f32[0], row_i32[0], row_f32[1], row_f32[2],
                           jax.lax.bitcast_convert_type(row_i32[1], jnp.uint32), row_i32[2],
-                          row_i32[4:].T, pen)
+                          row_i32[5:].T, pen, row_i32[4] if mode.spec else None)
     out = sample(logits, md, mode, max_logprobs)
     return out, last_tokens.at[row_i32[3]].set(out.tokens)
 
