@@ -16,6 +16,9 @@ from jaxserve.gguf_checkpoint import is_gguf, open_gguf
 from jaxserve.gguf_tokenizer import tokenizer_from_gguf
 
 _REPLACEMENT = "\ufffd"
+# Past this many characters (or ids) encode and decode go through the tokenizers' batch calls,
+# which release the GIL: other threads (the server's event loop, the engine) run meanwhile.
+_LONG = 4096
 
 
 class Tokenizer:
@@ -39,13 +42,25 @@ class Tokenizer:
         return cls(tok, ChatTemplate.from_dir(model_dir))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > _LONG:  # the batch call releases the GIL (the single one holds it)
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if len(ids) > _LONG:
+            return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token adds to decoded text: the longest
+        vocabulary string (byte-level and SentencePiece strings are at least as long as the text
+        they decode to), and at least 3, a lone byte's U+FFFD."""
+        longest = max((len(t.encode()) for t in self._tok.get_vocab(with_added_tokens=True)),
+                      default=0)
+        return max(longest, len(_REPLACEMENT.encode()))
 
 
 class IncrementalDetokenizer:

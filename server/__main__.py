@@ -51,7 +51,11 @@ flags.DEFINE_string("auth_token", "", "When set, every call must carry 'authoriz
                     "is empty (it keeps the token off the command line).")
 flags.DEFINE_integer("metrics_port", 0, "Prometheus /metrics port on --host; 0: off.")
 flags.DEFINE_integer("max_message_bytes", _SERVER.max_message_bytes,
-                     "Largest gRPC message sent or received.")
+                     "Largest gRPC message sent or received; a unary reply that could exceed it "
+                     "is refused before generating.")
+flags.DEFINE_float("watchdog_timeout_s", _SERVER.watchdog_timeout_s,
+                   "Health goes NOT_SERVING when the engine loop makes no progress for this long "
+                   "with work queued (compiles excepted); 0: off.")
 
 
 def configs_from_flags() -> tuple[EngineConfig, ServerConfig]:
@@ -62,7 +66,8 @@ def configs_from_flags() -> tuple[EngineConfig, ServerConfig]:
         grace_period_s=FLAGS.grace_period_s, tls_cert=FLAGS.tls_cert or None,
         tls_key=FLAGS.tls_key or None,
         auth_token=FLAGS.auth_token or os.environ.get("JAXSERVE_AUTH_TOKEN") or None,
-        metrics_port=FLAGS.metrics_port or None, max_message_bytes=FLAGS.max_message_bytes)
+        metrics_port=FLAGS.metrics_port or None, max_message_bytes=FLAGS.max_message_bytes,
+        watchdog_timeout_s=FLAGS.watchdog_timeout_s)
     return engine_config, server_config
 
 

@@ -1,23 +1,26 @@
 """Bearer-token authentication: a server interceptor that checks every call's metadata.
 
 A call without `authorization: Bearer <token>` (or with another token) ends with
-UNAUTHENTICATED before its handler runs. Health checks and reflection are calls too: probes
+UNAUTHENTICATED before its handler runs, and is counted (`on_refused`). Health checks and reflection are calls too: probes
 must send the header (grpc_health_probe -rpc-header, grpcurl -H).
 """
 
 import hmac
+from typing import Callable
 
 import grpc
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str):
+    def __init__(self, token: str, on_refused: Callable[[], None] = lambda: None):
         self._expected = f"Bearer {token}".encode()
+        self._on_refused = on_refused
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or self._authorized(handler_call_details.invocation_metadata or ()):
             return handler
+        self._on_refused()
         return _refusing_handler(handler)
 
     def _authorized(self, metadata) -> bool:

@@ -13,17 +13,26 @@ from server.routing_policy import POLICIES, PrefixAffinity
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """Attributes:
-      host, port: where gRPC listens; port 0 picks a free one (GrpcServer.port tells which).
+      host, port: where gRPC listens; port 0 picks a free one (GrpcServer.port tells which);
+        port None: no gRPC (the HTTP API alone).
+      http_port: the OpenAI-compatible HTTP API (server/openai/) on `host`, beside gRPC and
+        sharing its engine loop, admission and metrics; None is off, 0 picks a free port.
+      served_model_name: the model's name in the HTTP API (`model`, /v1/models); None: its path.
       max_pending: requests admitted at once (waiting + running); past it, RESOURCE_EXHAUSTED.
       grace_period_s: on drain (SIGTERM), how long running requests may take to finish.
       tls_cert, tls_key: PEM files; both or neither.
       auth_token: when set, every call must carry `authorization: Bearer <auth_token>`.
       metrics_port: Prometheus endpoint on `host`; None is off, 0 picks a free port.
-      max_message_bytes: largest gRPC message sent or received.
+      max_message_bytes: largest gRPC message sent or received; a unary reply that could exceed
+        it is refused before generating (server/reply_size.py).
+      watchdog_timeout_s: health goes NOT_SERVING when the engine loop makes no progress for
+        this long with work queued (a compile in progress does not count); 0 is off.
     """
 
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: int | None = 50051
+    http_port: int | None = None
+    served_model_name: str | None = None
     max_pending: int = 256
     grace_period_s: float = 30.0
     tls_cert: str | None = None
@@ -31,10 +40,17 @@ class ServerConfig:
     auth_token: str | None = None
     metrics_port: int | None = None
     max_message_bytes: int = 16 * 1024 * 1024
+    watchdog_timeout_s: float = 60.0
 
     def __post_init__(self):
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in [0, 65536), got {self.port}")
+        for name in ("port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 65536:
+                raise ValueError(f"{name} must be in [0, 65536), got {value}")
+        if self.port is None and self.http_port is None:
+            raise ValueError("nothing to serve: neither gRPC (port) nor HTTP (http_port) is on")
+        if self.served_model_name == "":
+            raise ValueError("served_model_name must not be empty (leave it unset for the path)")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in [0, 65536), got {self.metrics_port}")
         if self.max_pending < 1:
@@ -47,6 +63,9 @@ class ServerConfig:
             raise ValueError("auth_token must not be empty (leave it unset for no auth)")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.watchdog_timeout_s < 0:
+            raise ValueError(f"watchdog_timeout_s must be >= 0 (0 is off), got "
+                             f"{self.watchdog_timeout_s}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -23,12 +23,17 @@ A request's queue holds at most one item: a RequestOutput, or, if the engine its
 EngineFault. An output that arrives before the last one is read is merged into it
 (`merge_outputs`: deltas appended, a whole final output replacing them), so a slow reader costs
 one output, not a backlog.
+
+For the watchdog (server/watchdog.py) the thread counts its rounds (`rounds`, one per pass
+through commands and a step) and says whether it holds work (`has_work`); a compile in progress
+on the thread shows in its stack (`is_compiling`).
 """
 
 import asyncio
 import collections
 import dataclasses
 import logging
+import sys
 import threading
 
 from jaxserve.engine import Engine, EngineStats
@@ -36,6 +41,9 @@ from jaxserve.outputs import RequestOutput, merge_outputs
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+# jax's and the runner's compile entry points (jax/_src/stages.py, compiler.py; jaxserve/runner.py)
+_COMPILE_FUNCTIONS = frozenset({"compile", "compile_or_get_cached", "backend_compile_and_load",
+                                "_compiled", "compile_all"})
 
 
 class EngineFault(Exception):
@@ -70,6 +78,8 @@ class EngineLoop:
         self._stopping = False  # guarded by _cond
         self._queues: dict[str, asyncio.Queue] = {}  # engine thread only
         self.stats: EngineStats = engine.stats()  # the latest snapshot; replaced, never mutated
+        self.rounds = 0  # written by the engine thread only: its progress, for the watchdog
+        self._holds_requests = False  # engine.has_unfinished_requests after the latest round
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -94,6 +104,25 @@ class EngineLoop:
         if not self._post(_Add(prompt, params, priority, client_id, queue, future)):
             raise EngineFault("the engine loop has stopped")
         return await future, queue
+
+    def has_work(self) -> bool:
+        """Whether commands wait or the engine holds unfinished requests (any thread)."""
+        with self._cond:
+            return bool(self._commands) or self._holds_requests
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def is_compiling(self) -> bool:
+        """Whether the engine thread is inside an XLA compile now (any thread; a stack walk).
+        A compile on first use of a step shape can take minutes: it is not a stall."""
+        frame = sys._current_frames().get(self._thread.ident)
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name in _COMPILE_FUNCTIONS and "jax" in code.co_filename:
+                return True
+            frame = frame.f_back
+        return False
 
     def abort(self, request_id: str) -> None:
         """Ends a request at once and frees its blocks; its queue gets a finish_reason 'abort'."""
@@ -128,6 +157,8 @@ class EngineLoop:
             if self.engine.has_unfinished_requests:
                 deliveries += self._step()
             self.stats = self.engine.stats()
+            self._holds_requests = self.engine.has_unfinished_requests
+            self.rounds += 1
             self._deliver(deliveries)
 
     def _apply(self, command) -> list[tuple[asyncio.Queue, object]]:

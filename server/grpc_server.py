@@ -29,6 +29,8 @@ from server.engine_loop import EngineLoop
 from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 from server.gen.jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 from server.metrics import ServerMetrics
+from server.parse_errors import ParseErrorInterceptor
+from server.watchdog import Watchdog
 from server.servicer import JaxServeServicer
 
 logger = logging.getLogger(__name__)
@@ -53,18 +55,36 @@ class GrpcServer:
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.watchdog: Watchdog | None = None
         self._stopped = False
 
     @property
     def engine(self) -> Engine | None:
         return self.engine_loop.engine if self.engine_loop else None
 
+    def health_state(self) -> str:
+        """SERVING, or why not: LOADING, DRAINING, STALLED (the watchdog). Any thread."""
+        if self.admission.state != Admission.SERVING:
+            return self.admission.state.upper()
+        return "STALLED" if self.watchdog is not None and self.watchdog.stalled else "SERVING"
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def _on_stall(self, stalled: bool) -> None:
+        if self.admission.state == Admission.SERVING:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING if stalled
+                                   else health_pb2.HealthCheckResponse.SERVING)
+
     async def start(self) -> None:
         """Binds and starts serving (health NOT_SERVING until load() is done)."""
         c = self.config
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        interceptors = [BearerTokenInterceptor(c.auth_token)] if c.auth_token else []
+        refused = self.metrics.unauthenticated.labels(endpoint="grpc")
+        interceptors = [BearerTokenInterceptor(c.auth_token, refused.inc)] if c.auth_token else []
+        interceptors.append(ParseErrorInterceptor())  # inside auth: no token is UNAUTHENTICATED
         self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_send_message_length", c.max_message_bytes),
             ("grpc.max_receive_message_length", c.max_message_bytes),
@@ -86,8 +106,10 @@ class GrpcServer:
             self.port = self._server.add_insecure_port(address)
         await self._server.start()
         if c.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
-            logger.info("metrics on http://%s:%d/metrics", c.host, self.metrics_port)
+            self.metrics_port = self.metrics.serve(c.host, c.metrics_port, self.health_state,
+                                                   c.auth_token)
+            logger.info("metrics on http://%s:%d/metrics (and /health)", c.host,
+                        self.metrics_port)
         logger.info("gRPC %s on %s:%d (%s); loading the model", SERVICE_NAME, c.host, self.port,
                     "TLS" if c.tls_cert else "plaintext")
 
@@ -113,9 +135,12 @@ class GrpcServer:
         self.engine_loop.start()
         self.servicer.generation_defaults = defaults
         self.servicer.engine_loop = self.engine_loop
+        if self.config.watchdog_timeout_s:
+            self.watchdog = Watchdog(self.engine_loop, self.config.watchdog_timeout_s,
+                                     self.metrics, self._on_stall)
+            self.watchdog.start()
         self.admission.state = Admission.SERVING
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %s", engine.model_path)
 
     async def drain(self) -> None:
@@ -141,10 +166,13 @@ class GrpcServer:
         if self.admission.state != Admission.DRAINING:
             self.admission.state = Admission.DRAINING
             await self.health.enter_graceful_shutdown()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self._server is not None:
             await self._server.stop(_STOP_GRACE_S)
         if self.engine_loop is not None:
             await asyncio.to_thread(self.engine_loop.stop, _ABORT_WAIT_S)
         self.metrics.shutdown()
+        self.servicer.close()
         logger.info("stopped")
 

@@ -10,11 +10,12 @@ Tokens per second: rate(jaxserve_generation_tokens_total[1m]).
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from jaxserve.engine import EngineStats
 from jaxserve.outputs import RequestOutput
+from server.metrics_http import MetricsHttpServer
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
                  7.5, 10.0, 20.0, 40.0, 80.0)
@@ -74,8 +75,20 @@ class ServerMetrics:
                                     registry=self.registry)
         self.requests = Counter("jaxserve_requests", "Generate/Complete calls by status code",
                                 ["code"], registry=self.registry)
+        self.unauthenticated = Counter(
+            "jaxserve_unauthenticated_calls", "Calls refused for a missing or wrong bearer token",
+            ["endpoint"], registry=self.registry)  # endpoint: grpc or metrics
+        self.engine_stalled = Gauge(
+            "jaxserve_engine_stalled", "1 while the watchdog sees no engine progress with work "
+            "queued (health NOT_SERVING), else 0", registry=self.registry)
+        self.engine_stalls = Counter("jaxserve_engine_stalls", "Times the watchdog found the "
+                                     "engine loop stalled", registry=self.registry)
+        self.replies_refused = Counter(
+            "jaxserve_replies_refused", "Unary replies refused for exceeding max_message_bytes "
+            "(when: before generating, from the bound, or after)", ["when"],
+            registry=self.registry)
         self.registry.register(_EngineStatsCollector(stats, in_flight))
-        self._http = None
+        self._http: MetricsHttpServer | None = None
 
     def observe_finished(self, output: RequestOutput) -> None:
         m = output.metrics
@@ -84,13 +97,14 @@ class ServerMetrics:
             if value is not None:
                 histogram.observe(value)
 
-    def serve(self, host: str, port: int) -> int:
-        """Starts the /metrics HTTP endpoint (port 0: a free one); returns the port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
+    def serve(self, host: str, port: int, health: Callable[[], str],
+              auth_token: str | None = None) -> int:
+        """Starts the HTTP endpoint, /metrics and /health (server/metrics_http.py), on host:port
+        (0: a free one); returns the port."""
+        self._http = MetricsHttpServer(self.registry, health, self.unauthenticated, auth_token)
+        return self._http.start(host, port)
 
     def shutdown(self) -> None:
         if self._http is not None:
             self._http.shutdown()
-            self._http.server_close()
             self._http = None

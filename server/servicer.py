@@ -3,13 +3,23 @@
 Generate, Complete and Chat share one path (`_outputs`): take an admission slot, turn the proto
 into a prompt and SamplingParams, add the request through the engine loop, then read its outputs
 until the last. Chat differs only in its prompt: the messages rendered by the model's chat
-template and tokenized (jaxserve/chat_template.py), on a worker thread, not the event loop.
+template (jaxserve/chat_template.py).
+
+Work that grows with the request (tokenizing, templating, checking token ids, detokenizing) runs
+on a small pool of worker threads, never on the event loop or the engine thread: health checks
+and every other call keep answering beside a huge prompt, and the engine thread gets token ids
+already checked. Sizes are checked first, before any of that work (jaxserve/request_limits.py;
+the gRPC receive limit, max_message_bytes, bounds the whole message before it is parsed).
 Every way a call can end maps to one status:
 
     bad params (the engine's ValueError)     INVALID_ARGUMENT, the field first
     bad messages, or the template refuses    INVALID_ARGUMENT, "messages: ..."
     Chat to a model without a chat template  FAILED_PRECONDITION
     prompt longer than the context           OUT_OF_RANGE, with the limit
+    prompt text over its byte limit          INVALID_ARGUMENT, with the limit
+    a Complete reply that could exceed       INVALID_ARGUMENT, with max_message_bytes, before
+      max_message_bytes                        generating (server/reply_size.py); OUT_OF_RANGE
+                                               if the finished reply still exceeds it
     max_pending requests already in flight   RESOURCE_EXHAUSTED, `retry-after-ms` trailer
     loading or draining                      UNAVAILABLE
     finish_reason "error", an engine fault   INTERNAL (that call only; the server keeps serving)
@@ -19,6 +29,7 @@ Every way a call can end maps to one status:
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 
 import grpc
@@ -26,7 +37,8 @@ import grpc
 from jaxserve.chat_template import NoChatTemplateError, encode_chat
 from jaxserve.generation_defaults import GenerationDefaults
 from jaxserve.outputs import RequestOutput
-from server import proto_convert
+from jaxserve.request_limits import prompt_byte_limit, utf8_size
+from server import proto_convert, reply_size
 from server.admission import Admission
 from server.config import ServerConfig
 from server.engine_loop import EngineFault, EngineLoop
@@ -34,6 +46,8 @@ from server.errors import StatusError, status_for_value_error
 from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 from server.gen.jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 from server.metrics import ServerMetrics
+
+_WORKERS = 2  # threads for tokenizing and other per-request work that grows with its size
 
 
 class JaxServeServicer(pb_grpc.JaxServeServicer):
@@ -44,6 +58,16 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         self.engine_loop: EngineLoop | None = None  # set once the model is loaded
         # The model's sampling defaults for fields a request leaves unset; set with engine_loop.
         self.generation_defaults = GenerationDefaults()
+        self._workers = concurrent.futures.ThreadPoolExecutor(_WORKERS, "request-work")
+        self._text_bytes_per_token: int | None = None  # reply_size's, from the tokenizer
+
+    def close(self) -> None:
+        """Ends the worker threads (work not started is dropped)."""
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, function, *args):
+        """function(*args) on a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, function, *args)
 
     # ----- generation ------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest | pb.ChatRequest,
@@ -60,18 +84,25 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
     async def Complete(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> pb.CompleteResponse:
         last = None
-        async with contextlib.aclosing(self._outputs(request, context)) as outputs:
+        async with contextlib.aclosing(self._outputs(request, context, unary=True)) as outputs:
             async for output in outputs:
                 last = output
-        return proto_convert.complete_response(last)
+        response = proto_convert.complete_response(last)
+        size, limit = response.ByteSize(), self.config.max_message_bytes
+        if size > limit:  # the bound let it through (rare): a clear status, not the transport's
+            self.metrics.replies_refused.labels(when="after").inc()
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                                reply_size.too_big_after(size, limit, reply_size.COMPLETE_HINT))
+        return response
 
     async def _outputs(self, request: pb.GenerateRequest | pb.ChatRequest,
-                       context: grpc.aio.ServicerContext):
-        """Yields the request's RequestOutputs, the last one finished; aborts the call otherwise."""
+                       context: grpc.aio.ServicerContext, unary: bool = False):
+        """Yields the request's RequestOutputs, the last one finished; aborts the call otherwise.
+        unary: the whole reply is one message (Complete), so its size is bounded first."""
         code = grpc.StatusCode.OK
         try:
             with self.admission.slot():
-                request_id, queue = await self._add(request)
+                request_id, queue = await self._add(request, unary)
                 finished = False
                 try:
                     while not finished:
@@ -93,14 +124,18 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         finally:
             self.metrics.requests.labels(code=code.name).inc()
 
-    async def _add(self, request: pb.GenerateRequest | pb.ChatRequest
+    async def _add(self, request: pb.GenerateRequest | pb.ChatRequest, unary: bool
                    ) -> tuple[str, asyncio.Queue]:
         try:
-            prompt = await self._prompt(request)
             params = proto_convert.sampling_params_from_proto(request.params,
                                                               self.generation_defaults)
+            prompt = await self._prompt(request)
+            # Sizes first, then tokenizing and every check of the ids, all on a worker thread.
+            prompt_ids = await self._off_loop(self.engine_loop.engine.check_request, prompt, params)
+            if unary:
+                self._check_reply_size(len(prompt_ids), params)
             return await self.engine_loop.add_request(
-                prompt, params, priority=request.priority, client_id=request.client_id)
+                prompt_ids, params, priority=request.priority, client_id=request.client_id)
         except NoChatTemplateError as e:
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
         except ValueError as e:
@@ -111,16 +146,36 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
 
     async def _prompt(self, request: pb.GenerateRequest | pb.ChatRequest) -> str | list[int]:
         """A Generate request's text or token ids; a Chat request's messages rendered and
-        tokenized, on a worker thread (a long conversation is milliseconds of Python)."""
+        tokenized (on a worker thread, after a size check)."""
         if isinstance(request, pb.GenerateRequest):
             return proto_convert.prompt_from_request(request)
-        tokenizer = self.engine_loop.engine.tokenizer
-        if tokenizer is None:
+        engine = self.engine_loop.engine
+        if engine.tokenizer is None:
             raise NoChatTemplateError("chat_template: this model has no tokenizer, so no chat "
                                       "template; send Generate with token ids")
         messages, add_generation_prompt = proto_convert.chat_from_request(request)
-        _, ids = await asyncio.to_thread(encode_chat, tokenizer, messages, add_generation_prompt)
+        limit = prompt_byte_limit(engine.config.max_model_len)
+        size = sum(utf8_size(m["content"]) + utf8_size(m["role"]) for m in messages)
+        if size > limit:
+            raise ValueError(f"messages: {size} bytes of roles and content; the limit before "
+                             f"templating is {limit} bytes (max_model_len "
+                             f"{engine.config.max_model_len})")
+        _, ids = await self._off_loop(encode_chat, engine.tokenizer, messages,
+                                      add_generation_prompt)
         return ids
+
+    def _check_reply_size(self, num_prompt_tokens: int, params) -> None:
+        """Raises StatusError (INVALID_ARGUMENT) when a Complete reply could exceed the limit."""
+        engine = self.engine_loop.engine
+        if self._text_bytes_per_token is None:
+            self._text_bytes_per_token = reply_size.text_bytes_per_token(engine.tokenizer)
+        bound = reply_size.complete_reply_bound(
+            params, engine.config.max_model_len - num_prompt_tokens, self._text_bytes_per_token)
+        if bound > self.config.max_message_bytes:
+            self.metrics.replies_refused.labels(when="before").inc()
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT,
+                              reply_size.too_big_before(bound, self.config.max_message_bytes,
+                                                        params))
 
     def _check(self, output: RequestOutput | EngineFault, request_id: str) -> None:
         """Raises StatusError for an output that ends the call with an error."""
@@ -146,18 +201,39 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
                        ) -> pb.TokenizeResponse:
         tokenizer = await self._tokenizer(context)
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        return pb.TokenizeResponse(token_ids=tokenizer.encode(request.text, add_special))
+        max_model_len = self.engine_loop.engine.config.max_model_len
+        limit = prompt_byte_limit(max_model_len)
+        if len(request.text) > limit or utf8_size(request.text) > limit:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"text: more than {limit} bytes, the prompt limit before "
+                                f"tokenization (max_model_len {max_model_len})")
+        ids = await self._off_loop(tokenizer.encode, request.text, add_special)
+        response = pb.TokenizeResponse(token_ids=ids)
+        if response.ByteSize() > self.config.max_message_bytes:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, reply_size.too_big_after(
+                response.ByteSize(), self.config.max_message_bytes))
+        return response
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
                          ) -> pb.DetokenizeResponse:
         tokenizer = await self._tokenizer(context)
         vocab = self.engine_loop.engine.model_config.vocab_size
-        bad = [t for t in request.token_ids if not 0 <= t < vocab]
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+
+        def detokenize() -> tuple[list[int], str | None]:  # (bad ids, text)
+            ids = list(request.token_ids)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            return (bad, None) if bad else ([], tokenizer.decode(ids, skip))
+
+        bad, text = await self._off_loop(detokenize)
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
-        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        return pb.DetokenizeResponse(text=tokenizer.decode(list(request.token_ids), skip))
+        response = pb.DetokenizeResponse(text=text)
+        if response.ByteSize() > self.config.max_message_bytes:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, reply_size.too_big_after(
+                response.ByteSize(), self.config.max_message_bytes))
+        return response
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
