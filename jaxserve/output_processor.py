@@ -9,7 +9,8 @@ Stop conditions, as vLLM checks them: a stop token (EOS unless ignore_eos, or st
 the sampler bans them below min_tokens) ends a sequence without its text; max_tokens and
 max_model_len end it with "length"; a stop string ends it with the text before the string.
 Stop strings count only once the sequence has more than min_tokens tokens, and only a match
-that ends in new text; text that might begin a stop string is held back until it cannot.
+that ends in new text; text that might begin a stop string is held back until it cannot. Both
+cost time linear in the new text, whatever the stop strings' length (jaxserve/stop_matcher.py).
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ import dataclasses
 from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.request import Sequence
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.stop_matcher import StopState, stop_strings
 from jaxserve.tokenizer import IncrementalDetokenizer
 
 
@@ -35,11 +37,14 @@ class RequestState:
     # What earlier outputs carried, per sequence: tokens (and logprobs), characters.
     sent_tokens: list[int] = dataclasses.field(default_factory=list)
     sent_chars: list[int] = dataclasses.field(default_factory=list)
+    # Per sequence: progress through the stop strings, made at its first text.
+    stop_states: list[StopState | None] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.seqs)
         self.sent_tokens = self.sent_tokens or [0] * n
         self.sent_chars = self.sent_chars or [0] * n
+        self.stop_states = self.stop_states or [None] * n
 
     @property
     def finished(self) -> bool:
@@ -79,30 +84,39 @@ def _detokenize(req: RequestState, seq: Sequence, token: int | None, *, final: b
     if final:
         delta += detok.flush()
     held = req.held[i]
-    pending = held + delta
-    stops = seq.params.stop
-    if stops:
-        if len(seq.output_token_ids) > seq.params.min_tokens:
-            # Only a match that ends in the new text: an older one was looked for before (or
-            # came before min_tokens, when stop strings do not count).
-            hits = [(p, s) for s in stops
-                    if (p := pending.find(s, max(0, len(held) - len(s) + 1))) >= 0]
-            if hits:
-                pos, s = min(hits)
-                req.texts[i] += pending[:pos]
-                req.held[i] = ""
-                req.stop_reasons[i] = s
-                return True
+    if seq.params.stop:
+        state = req.stop_states[i] or _start_stop_state(req, i)
+        # Only a match that ends in the new text: an older one was looked for before (or came
+        # before min_tokens, when stop strings do not count).
+        match = state.feed(delta, report=len(seq.output_token_ids) > seq.params.min_tokens)
+        if match is not None:
+            cut = match.start  # into delta; negative: into the held text
+            req.texts[i] += held[:len(held) + cut] if cut < 0 else held + delta[:cut]
+            req.held[i] = ""
+            req.stop_reasons[i] = match.stop
+            return True
         if not final:
             # Hold back the longest tail that could be the start of a stop string.
-            keep = max((k for s in stops for k in range(min(len(s) - 1, len(pending)), 0, -1)
-                        if pending.endswith(s[:k])), default=0)
-            req.texts[i] += pending[:len(pending) - keep]
-            req.held[i] = pending[len(pending) - keep:]
+            keep = state.hold
+            if keep <= len(delta):
+                req.texts[i] += held + delta[:len(delta) - keep]
+                req.held[i] = delta[len(delta) - keep:]
+            else:
+                cut = len(held) + len(delta) - keep
+                req.texts[i] += held[:cut]
+                req.held[i] = held[cut:] + delta
             return False
-    req.texts[i] += pending
+    req.texts[i] += held + delta
     req.held[i] = ""
     return False
+
+
+def _start_stop_state(req: RequestState, i: int) -> StopState:
+    """Sequence i's stop-string state; text already held (a hand-over's) is fed first."""
+    state = stop_strings(req.params.stop).start()
+    state.feed(req.held[i], report=False)
+    req.stop_states[i] = state
+    return state
 
 
 def release_held(req: RequestState) -> None:

@@ -18,7 +18,7 @@ INVALID_ARGUMENT (OUT_OF_RANGE for a prompt longer than the context, as before).
 
 MAX_PROMPT_BYTES_PER_TOKEN = 256
 MAX_STOP_STRINGS = 64
-MAX_STOP_STRING_CHARS = 4096
+MAX_STOP_STRING_CHARS = 1024
 
 
 def prompt_byte_limit(max_model_len: int) -> int:
