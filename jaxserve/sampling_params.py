@@ -10,8 +10,24 @@ from jaxserve.request_limits import check_stop_strings
 class SamplingParams:
     """Per-request sampling settings; the names and meanings follow vLLM's.
 
-    temperature 0 is greedy. top_k 0 (or -1) and top_p 1 and min_p 0 turn those filters off.
-    seed makes the sampled text depend only on the seed and the prompt, not on the batch.
+    Attributes:
+      n: samples per prompt (they share the prompt's KV blocks).
+      temperature: 0 is greedy; higher flattens the distribution.
+      top_k: sample among the k most likely tokens; 0 (or -1) is off.
+      top_p: sample among the most likely tokens whose probabilities sum to top_p; 1 is off.
+      min_p: drop tokens less likely than min_p x the most likely one's probability; 0 is off.
+      repetition_penalty: > 1 discourages tokens already in the prompt or output; 1 is off.
+      presence_penalty: subtracted from the logit of each token already in the output; 0 is off.
+      frequency_penalty: subtracted once per occurrence of a token in the output; 0 is off.
+      seed: per-request seed: the sampled text depends only on it and the prompt, not on the
+        batch; unset: one drawn from the engine's seed.
+      max_tokens: most tokens to generate per sample.
+      min_tokens: tokens to generate before EOS or a stop may end a sample.
+      stop: strings that end a sample (not included in its text).
+      stop_token_ids: token ids that end a sample, besides the model's EOS.
+      ignore_eos: keep generating past EOS (benchmarks).
+      logprobs: log probabilities returned: unset none; 0 the sampled token's; N also the top N.
+      skip_special_tokens: leave special tokens out of the text.
     """
 
     n: int = 1

@@ -1,14 +1,15 @@
-"""An interactive chat in the terminal: the model's chat template, replies streamed as sampled.
+"""Chat in the terminal (`jaxserve chat`, or python -m tools.chat): the model's chat template,
+replies streamed as they are sampled.
 
-    python -m tools.chat                                  # SmolLM2, if its wheel is installed
-    python -m tools.chat --model=/ckpt/Meta-Llama-3-8B-Instruct --system="Be brief." \\
-        --temperature=0.7 --max_tokens=512
+    jaxserve chat                                  # SmolLM2, if its wheel is installed
+    jaxserve chat --model=/ckpt/Meta-Llama-3-8B-Instruct --system="Be brief." --temperature=0.7
 
 Each line typed is a user turn; the whole conversation so far is the next prompt (the prefix
 cache keeps the earlier turns' KV blocks, so mostly the new turn is prefilled). `/reset` starts
 over, `/exit` or end of input (Ctrl-D) ends, and so does Ctrl-C, mid-reply too (the request is
-aborted). Engine flags are jaxserve/flags.py's; sampling flags and --system are tools/run.py's,
-with the model's generation defaults for those not given.
+aborted). The engine and sampling flags are those of every jaxserve command (a sampling flag not
+given takes the model's generation default); --max_tokens defaults to 512 here, a reply's length.
+--system and --precompile are tools/run.py's.
 """
 
 import dataclasses
@@ -18,10 +19,12 @@ from typing import Callable, TextIO
 from absl import app
 
 from jaxserve import LLM, SamplingParams
+from jaxserve import cli_app
 from jaxserve.default_model import resolve_model_path
 from jaxserve.flags import FLAGS, engine_config_from_flags
 from jaxserve.generation_defaults import GenerationDefaults
-from tools.run import sampling_params_from_flags
+from jaxserve.sampling_flags import sampling_params_from_flags
+import tools.run  # noqa: F401  (--system, --precompile)
 
 COMMANDS = "/reset starts over; /exit, Ctrl-D or Ctrl-C ends"
 
@@ -82,6 +85,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """`jaxserve chat`: main() under jaxserve/cli_app.py's flag parsing and error handling."""
+    FLAGS.set_default("max_tokens", 512)  # a reply, not SamplingParams' 16 tokens
+    cli_app.run(main, "chat", argv)
+
+
 if __name__ == "__main__":
-    FLAGS.set_default("max_tokens", 512)  # a reply, not tools.run's few tokens
-    sys.exit(app.run(main))
+    cli()

@@ -1,7 +1,8 @@
-"""Streams one prompt's completion from a jaxserve server to the terminal.
+"""Stream one prompt's completion from a jaxserve server to the terminal (`jaxserve client`, or
+python -m tools.client).
 
-    python -m server &                                  # in another terminal
-    python -m tools.client --prompt="Once upon a time" --max_tokens=64 --temperature=0.8
+    jaxserve serve &                                    # or in another terminal
+    jaxserve client --prompt="Once upon a time" --max_tokens=64 --temperature=0.8 --seed=1
 
 Text goes to stdout as it arrives; the finish reason, usage and timings go to stderr.
 """
@@ -13,19 +14,17 @@ import time
 import grpc
 from absl import app, flags
 
+from jaxserve import cli_app
+from jaxserve.sampling_flags import given_sampling_fields
+from jaxserve.sampling_params import SamplingParams
 from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 from server.gen.jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 from tools.grpc_channel import open_channel
 
 flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the server.")
 flags.DEFINE_string("prompt", "Once upon a time", "The prompt text.")
-# Sampling flags not given are not sent: the server applies the model's defaults to them.
-flags.DEFINE_integer("max_tokens", 64, "Tokens to generate (not given: the server's default).")
-flags.DEFINE_float("temperature", 0.0, "0 is greedy (not given: the model's default).")
-flags.DEFINE_float("top_p", 1.0, "1 is off (not given: the model's default).")
-flags.DEFINE_integer("top_k", 0, "0 is off (not given: the model's default).")
-flags.DEFINE_integer("seed", None, "Sampling seed.")
-flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+# The sampling flags (jaxserve/sampling_flags.py) given are sent; the server applies the model's
+# defaults, then SamplingParams', to the fields not sent.
 flags.DEFINE_string("auth_token", "", "Bearer token, if the server wants one.")
 flags.DEFINE_string("tls_ca", "", "PEM root certificate: connect with TLS.")
 flags.DEFINE_float("timeout_s", 300.0, "Deadline of the call.")
@@ -35,11 +34,7 @@ FLAGS = flags.FLAGS
 
 async def stream() -> int:
     channel, metadata = open_channel(FLAGS.target, tls_ca=FLAGS.tls_ca, auth_token=FLAGS.auth_token)
-    given = {name: FLAGS[name].value for name in ("max_tokens", "temperature", "top_p", "top_k")
-             if FLAGS[name].present}
-    params = pb.SamplingParams(stop=FLAGS.stop, **given)
-    if FLAGS.seed is not None:
-        params.seed = FLAGS.seed
+    params = pb.SamplingParams(**given_sampling_fields())
     request = pb.GenerateRequest(text=FLAGS.prompt, params=params)
     start, first, last = time.perf_counter(), None, None
     async with channel:
@@ -68,8 +63,17 @@ async def stream() -> int:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    sys.exit(asyncio.run(stream()))
+    try:  # checked here, before any call: --max_tokens=0 and such name themselves
+        SamplingParams(**given_sampling_fields())
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    return asyncio.run(stream())
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`jaxserve client`: main() under jaxserve/cli_app.py's flag parsing and error handling."""
+    cli_app.run(main, "client", argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli()

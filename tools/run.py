@@ -1,50 +1,35 @@
-"""CLI runner: generate text for prompts and print a throughput summary.
+"""Generate text for prompts and print a throughput summary (`jaxserve run`, or python -m tools.run).
 
-    python -m tools.run                                  # SmolLM2 on three prompts, greedy
-    python -m tools.run --prompt="Hello" --max_tokens=32
-    python -m tools.run --chat --prompt="What is 2+2?"   # a user turn, in the chat template
-    python -m tools.run --model=/ckpt/llama-3-8b --prompts_file=prompts.txt --temperature=0.7
+    jaxserve run                                   # SmolLM2 on three prompts
+    jaxserve run --prompt="Hello" --max_tokens=32 --temperature=0      # greedy
+    jaxserve run --chat --prompt="What is 2+2?"    # a user turn, in the chat template
+    jaxserve run --model=/ckpt/llama-3-8b --prompts_file=prompts.txt --temperature=0.7 --seed=1
 
-Multi-host: the same command on every host plus --coordinator_address, --num_processes and
---process_id (docs/SHARDING.md); process 0 prints the results.
+Sampling flags are SamplingParams' (vLLM's names and defaults: temperature 1.0, max_tokens 16);
+those not given take the model's generation defaults where it has them. --engine_seed seeds the
+requests that give no --seed, so a run is reproducible. Multi-host: the same command on every
+host plus --coordinator_address, --num_processes and --process_id (docs/SHARDING.md); process 0
+prints the results.
 """
 
 import json
-import sys
 import time
 
 from absl import app, flags
 
-from jaxserve import Engine, SamplingParams
+from jaxserve import Engine
+from jaxserve import cli_app
 from jaxserve.chat_template import encode_chat
 from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE, resolve_model_path
 from jaxserve.generation_defaults import GenerationDefaults
 from sharding import distributed
 from jaxserve.flags import (FLAGS, engine_class_from_flags, engine_config_from_flags,
                             initialize_distributed_from_flags)
+from jaxserve.sampling_flags import sampling_params_from_flags
 
 flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
 flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
 flags.DEFINE_integer("num_prompts", None, "Repeat the prompts cyclically up to this many requests.")
-# Sampling: a flag not given takes the model's default (its generation_config.json, as
-# max_new_tokens for --max_tokens) where it has one, else the flag's default.
-flags.DEFINE_integer("max_tokens", 32, "Tokens to generate per sample.")
-flags.DEFINE_integer("min_tokens", 0, "Tokens before EOS may end a sample.")
-flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
-flags.DEFINE_integer("top_k", 0, "0 is off.")
-flags.DEFINE_float("top_p", 1.0, "1 is off.")
-flags.DEFINE_float("min_p", 0.0, "0 is off.")
-flags.DEFINE_float("repetition_penalty", 1.0, "1 is off.")
-flags.DEFINE_float("presence_penalty", 0.0, "0 is off.")
-flags.DEFINE_float("frequency_penalty", 0.0, "0 is off.")
-flags.DEFINE_integer("n", 1, "Samples per prompt.")
-flags.DEFINE_integer("sample_seed", None, "Per-request sampling seed.")
-flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
-flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.")
-_SAMPLING_FLAGS = {name: name for name in (  # flag -> SamplingParams field
-    "n", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "max_tokens", "min_tokens", "stop", "ignore_eos")}
-_SAMPLING_FLAGS["sample_seed"] = "seed"
 flags.DEFINE_bool("precompile", False, "Compile every step shape first; off: each shape when a "
                   "step first needs it (a one-shot batch meets few of them).")
 flags.DEFINE_string("json_out", None, "Also write generations and the summary here as JSON.")
@@ -75,17 +60,9 @@ def _chat_prompt_ids(engine: Engine, prompt: str) -> list[int]:
     return encode_chat(engine.tokenizer, system + [{"role": "user", "content": prompt}])[1]
 
 
-def sampling_params_from_flags(defaults: GenerationDefaults) -> SamplingParams:
-    """The sampling flags given on the command line; for the others the model's `defaults`
-    where it has them, else the flags' own defaults."""
-    own = {field: FLAGS[flag].value for flag, field in _SAMPLING_FLAGS.items()}
-    own["stop"] = tuple(own["stop"])
-    given = {field: own[field] for flag, field in _SAMPLING_FLAGS.items() if FLAGS[flag].present}
-    return defaults.sampling_params(own, **given)
-
-
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (a prompt goes in --prompt)")
     initialize_distributed_from_flags()
     t0 = time.perf_counter()
     try:  # a bad flag or checkpoint: its message names it
@@ -147,5 +124,10 @@ def main(argv):
     return 0
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """`jaxserve run`: main() under jaxserve/cli_app.py's flag parsing and error handling."""
+    cli_app.run(main, "run", argv)
+
+
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    cli()
