@@ -192,11 +192,11 @@ class ModelRunner:
         token_shards = axis_size(self.mesh, TOKEN_AXES)
         self.token_buckets = sorted({round_up(t, token_shards)
                                      for t in bucket_sizes(16, config.max_num_batched_tokens)})
-        # Speculating sequences sample k + 1 rows each (never more rows than tokens).
+        # Speculating sequences sample k + 1 rows each: never more rows than tokens (and the
+        # buckets do not depend on k).
         max_rows = config.max_num_seqs
         if config.speculative_method != "none":
-            max_rows = min(config.max_num_batched_tokens,
-                           config.max_num_seqs * (config.num_speculative_tokens + 1))
+            max_rows = config.max_num_batched_tokens
         self.seq_buckets = bucket_sizes(8, max_rows)
         self.ring_buckets = self._ring_buckets()
         # Decode-only steps run T = S over fine buckets (the paged decode kernel under Pallas).

@@ -106,7 +106,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            spec = seq.spec.proposals[:budget - 1] if seq.spec and num_tokens == 1 else []
+            # Proposals follow the last token (not at a fork: its children copy this length).
+            spec = (seq.spec.proposals[:budget - 1]
+                    if seq.spec and num_tokens == 1 and not seq.fork_children else [])
             num_tokens += len(spec)
             # 0: a fork child that joined running in this very step. At its length limit: its
             # pending token ends it once read back (one step late), so no step is spent on it.

@@ -1,0 +1,186 @@
+"""Speculative decoding with n-gram proposals (jaxserve/spec_decode.py): the config's checks, the
+proposer, and greedy outputs equal to the engine's without speculation, on the golden fixture
+(k = 1, 3, 5) and on the built-in tiny model (whose untrained output repeats itself, so
+proposals are often accepted) under batching, chunked prefill, preemption, penalties,
+min_tokens, stop tokens and strings, logprobs and n > 1; no block leaked, and the prefix cache
+holds only accepted tokens."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from jaxserve import Engine, EngineConfig, LLM, SamplingParams
+from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.spec_decode import SpecState, propose_ngram
+from tests.conftest import build_engine, fixture_path, run_to_completion
+
+SPEC = dict(speculative_method="ngram", speculative_min_acceptance=0.0)
+
+
+# ----- config -------------------------------------------------------------------------------
+@pytest.mark.parametrize("fields, message", [
+    (dict(speculative_method="eagle"), "speculative_method must be"),
+    (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens"),
+    (dict(ngram_min=3, ngram_max=2), "ngram_min (3) must be <= ngram_max (2)"),
+    (dict(speculative_min_acceptance=1.5), "speculative_min_acceptance"),
+    (dict(speculative_method="draft"), "not implemented"),
+    (dict(speculative_method="ngram", speculative_model="/m"), "speculative_model"),
+    (dict(speculative_method="ngram", disaggregation_role="decode"), "disaggregation_role"),
+    (dict(speculative_method="ngram", sequence_parallel=2), "sequence_parallel"),
+    (dict(speculative_method="ngram", num_speculative_tokens=16, max_num_seqs=8,
+          max_num_batched_tokens=16), "max_num_batched_tokens"),
+])
+def test_bad_speculation_config_is_refused_naming_the_field(fields, message):
+    with pytest.raises(ValueError, match="EngineConfig") as e:
+        EngineConfig(**fields)
+    assert message in str(e.value)
+
+
+# ----- the proposer -------------------------------------------------------------------------
+def test_ngram_proposes_what_followed_the_latest_longest_match():
+    tokens = np.array([1, 2, 3, 9, 9, 2, 3, 7, 8, 1, 2, 3])
+    # The 3-gram (1, 2, 3) recurs at 0: what followed it.
+    assert propose_ngram(tokens, 4, 1, 3) == [9, 9, 2, 3]
+    # Only 2-grams allowed: (2, 3) last occurred at 5, followed by 7, 8.
+    assert propose_ngram(tokens, 2, 1, 2) == [7, 8]
+    assert propose_ngram(np.array([4, 5, 6]), 3, 1, 3) == []  # nothing recurs
+    assert propose_ngram(np.array([5, 5]), 3, 1, 3) == [5]  # cut at the end of the history
+
+
+def test_spec_state_turns_off_on_low_acceptance_and_without_proposals():
+    spec = SpecState()
+    for _ in range(7):
+        spec.record(4, 1, 0.3)
+    assert spec.enabled  # 28 proposed: not judged yet
+    spec.record(4, 0, 0.3)
+    assert not spec.enabled  # 7 of 32 accepted < 30 %
+    spec = SpecState()
+    for _ in range(8):
+        spec.record(4, 2, 0.3)
+    assert spec.enabled
+    for _ in range(16):
+        spec.no_proposal(0.3)
+    assert not spec.enabled
+
+
+# ----- greedy equality ----------------------------------------------------------------------
+with open(fixture_path("llama3") + "/golden.json") as f:
+    GOLDEN = json.load(f)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_golden_greedy_tokens_with_speculation(k):
+    engine = build_engine("llama3", num_speculative_tokens=k, **SPEC)
+    n = len(GOLDEN["greedy_tokens"][0])
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    prompts = GOLDEN["prompts"] + [GOLDEN["greedy_tokens"][2] * 2]  # one that repeats
+    ids = [engine.add_request(p, params) for p in prompts]
+    outs = run_to_completion(engine)
+    got = [outs[i].outputs[0].token_ids for i in ids]
+    assert got[:len(GOLDEN["prompts"])] == GOLDEN["greedy_tokens"]
+    assert engine.stats().num_draft_tokens > 0
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+
+
+# Chunks of 16 tokens, and 40 blocks of 8 for 6 sequences of up to 100 tokens: it preempts.
+TINY = dict(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=128, block_size=8,
+            num_kv_blocks=40, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(engine without speculation, engine with k = 3), built once."""
+    make = lambda **kw: Engine(BUILTIN_MODEL, EngineConfig(**TINY, **kw), precompile=False,
+                               progress=False)
+    return make(), make(num_speculative_tokens=3, **SPEC)
+
+
+PROMPTS = ["Hello there, how are you", "one two three one two three one two", "abc",
+           "a much longer prompt that takes a few chunks of sixteen tokens to prefill", "xyz xyz",
+           "q"]
+
+
+def outputs(engine, prompts, params):
+    ids = [engine.add_request(p, params) for p in prompts]
+    outs = run_to_completion(engine)
+    return [[dataclasses.asdict(c) for c in outs[i].outputs] for i in ids]
+
+
+def assert_idle(engine):
+    kv = engine.kv_cache
+    assert kv.num_free_blocks == kv.num_blocks and not any(kv.ref_counts)
+    assert engine.runner.batch.num_free_slots == engine.config.max_num_seqs
+
+
+@pytest.mark.parametrize("name, params", [
+    ("greedy", SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)),
+    ("penalties", SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                 repetition_penalty=1.3, presence_penalty=0.4,
+                                 frequency_penalty=0.2)),
+    ("stops", SamplingParams(temperature=0.0, max_tokens=60, min_tokens=6,
+                             stop_token_ids=[124, 116], stop=["5", "tt"])),
+    ("logprobs_n2", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, n=2,
+                                   logprobs=2)),
+])
+def test_tiny_model_outputs_equal_without_speculation(tiny, name, params):
+    plain, spec = tiny
+    before = spec.stats()
+    expected = outputs(plain, PROMPTS, params)
+    got = outputs(spec, PROMPTS, params)
+    for e, g in zip(expected, got):
+        for ce, cg in zip(e, g):
+            if ce["logprobs"] is not None:  # the same values, up to the batch's rounding
+                for le, lg in zip(ce.pop("logprobs"), cg.pop("logprobs")):
+                    assert le.keys() == lg.keys()
+                    np.testing.assert_allclose(list(le.values()), list(lg.values()), atol=1e-4)
+            assert ce == cg
+    after = spec.stats()
+    assert after.num_draft_tokens > before.num_draft_tokens
+    if name != "penalties":  # penalties keep the model from repeating itself: few accepted
+        assert after.num_accepted_tokens > before.num_accepted_tokens
+    assert_idle(spec)
+    assert_idle(plain)
+
+
+def test_tiny_model_preempts_and_keeps_its_output(tiny):
+    _, spec = tiny
+    before = spec.stats().num_preemptions
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    plain_out = outputs(tiny[0], PROMPTS, params)
+    assert outputs(spec, PROMPTS, params) == plain_out
+    assert spec.stats().num_preemptions > before
+    assert_idle(spec)
+
+
+def test_prefix_cache_holds_only_accepted_tokens(tiny):
+    """A prompt extended by its own speculative output hits the cache, and continues exactly as
+    without speculation: no block hashed with a rejected proposal's K/V."""
+    plain, spec = tiny
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    prompt = spec.tokenizer.encode(PROMPTS[1])
+    first = outputs(spec, [prompt], params)[0][0]["token_ids"]
+    longer = prompt + first
+    hits = spec.kv_cache.prefix_hits
+    assert outputs(spec, [longer], params) == outputs(plain, [longer], params)
+    assert spec.kv_cache.prefix_hits - hits >= 8 * (len(longer) // 8 - 1)
+
+
+def test_seeded_sampling_is_deterministic_alone_or_batched(tiny):
+    _, spec = tiny
+    params = SamplingParams(temperature=0.9, top_k=20, max_tokens=40, ignore_eos=True, seed=7)
+    alone = outputs(spec, [PROMPTS[1]], params)[0]
+    again = outputs(spec, [PROMPTS[1]], params)[0]
+    batched = outputs(spec, [PROMPTS[1], PROMPTS[0]], params)[0]
+    assert alone == again == batched
+    assert_idle(spec)
+
+
+def test_llm_takes_the_speculative_fields():
+    llm = LLM(BUILTIN_MODEL, precompile=False, progress=False, **TINY, num_speculative_tokens=2,
+              **SPEC)
+    assert llm.engine.config.num_speculative_tokens == 2 and llm.engine.proposer is not None
+    out = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=24,
+                                                   ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 24
