@@ -6,6 +6,8 @@
     outputs = llm.chat([{"role": "user", "content": "Hello"}])   # the model's chat template
 """
 
+import collections
+import contextlib
 import dataclasses
 from typing import Iterator, Sequence as Seq
 
@@ -17,6 +19,7 @@ from jaxserve.default_model import DEFAULT_MODEL
 from jaxserve.disaggregation import DisaggregatedEngine
 from jaxserve.engine import Engine
 from jaxserve.generation_defaults import GenerationDefaults
+from jaxserve.interrupts import deferred_sigint
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -40,6 +43,10 @@ class LLM:
                                    progress=progress, skip_tokenizer=skip_tokenizer)
         self.tokenizer = self.engine.tokenizer
         self.generation_defaults = GenerationDefaults.from_model(self.engine.model_path)
+        # Outputs not yet read, per request of a live stream (generate reads its own at once).
+        self._queues: dict[str, collections.deque[RequestOutput]] = {}
+        self._in_engine_call = False
+        self._aborts_later: list[str] = []
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The SamplingParams of a call that gives none: the model's generation_config (or GGUF
@@ -49,7 +56,14 @@ class LLM:
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Runs prompts (text or token-id lists) to completion; outputs in input order."""
+        """Runs prompts (text or token-id lists) to completion; outputs in input order.
+
+        Steps the engine only until these prompts finish. Other requests in the engine (a
+        stream not read to its end, nor closed) advance in the same steps meanwhile; their
+        outputs wait for their stream. On any exception, a KeyboardInterrupt included, this
+        call's requests are aborted (their blocks freed) and the exception re-raised; the LLM
+        stays usable: Ctrl-C waits for the engine call in progress to end
+        (jaxserve/interrupts.py)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -59,42 +73,86 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
-        ids = []
+        ids: list[str] = []
+        results: dict[str, RequestOutput] = {}
         try:
             for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p))
-        except Exception:
-            for rid in ids:  # a bad prompt leaves nothing of this call behind
-                self.engine.abort(rid)
-            raise
-        results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
-            while len(results) < len(ids):
-                for out in self.engine.step():
-                    if out.finished and out.request_id in ids:
-                        results[out.request_id] = out
-                        bar.update(1)
+                self._add(prompt, p, ids)
+            wanted = set(ids)
+            with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
+                while len(results) < len(ids):
+                    for out in self._step():
+                        if out.finished and out.request_id in wanted:
+                            results[out.request_id] = out
+                            bar.update(1)
+        finally:  # an error or an interrupt leaves nothing of this call behind
+            self._abort([rid for rid in ids if rid not in results])
         return [results[rid] for rid in ids]
 
     def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None
                ) -> Iterator[str]:
-        """Yields the text of one prompt (its first sample) as it is generated."""
-        rid = self.engine.add_request(prompt, sampling_params or self.get_default_sampling_params())
-        sent = 0
+        """Yields the text of one prompt (its first sample) as it is generated. Closing the
+        generator, dropping it, or an exception (Ctrl-C included) aborts its request."""
+        ids: list[str] = []
         try:
+            self._add(prompt, sampling_params or self.get_default_sampling_params(), ids,
+                      keep_outputs=True)
+            queue, sent = self._queues[ids[0]], 0
             while True:
-                for out in self.engine.step():
-                    if out.request_id != rid:
-                        continue
-                    # A delta carries only new text; the final output is whole.
-                    text = out.outputs[0].text if out.delta else out.outputs[0].text[sent:]
-                    if text:
-                        yield text
-                        sent += len(text)
-                    if out.finished:
-                        return
+                while not queue:
+                    self._step()
+                out = queue.popleft()
+                # A delta carries only new text; the final output is whole.
+                text = out.outputs[0].text if out.delta else out.outputs[0].text[sent:]
+                if text:
+                    yield text
+                    sent += len(text)
+                if out.finished:
+                    return
         finally:
-            self.engine.abort(rid)
+            self._abort(ids)
+
+    # ----- engine calls: whole despite Ctrl-C, never nested --------------------------------
+    @contextlib.contextmanager
+    def _engine_call(self):
+        """One engine call with SIGINT deferred to its end (jaxserve/interrupts.py). Aborts
+        asked for meanwhile (a stream garbage-collected inside it) wait for its end."""
+        self._in_engine_call = True
+        try:
+            with deferred_sigint():
+                yield
+                while self._aborts_later:
+                    self.engine.abort(self._aborts_later.pop())
+        finally:
+            self._in_engine_call = False
+
+    def _add(self, prompt, params: SamplingParams, ids: list[str], keep_outputs: bool = False):
+        """Adds a request; its id goes into ids (and it gets an output queue) in the same
+        uninterruptible call."""
+        with self._engine_call():
+            ids.append(self.engine.add_request(prompt, params))
+            if keep_outputs:
+                self._queues[ids[-1]] = collections.deque()
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step; outputs of streams' requests also go to their queues."""
+        with self._engine_call():
+            outputs = self.engine.step()
+            for out in outputs:
+                if out.request_id in self._queues:
+                    self._queues[out.request_id].append(out)
+        return outputs
+
+    def _abort(self, ids: list[str]) -> None:
+        if self._in_engine_call:  # re-entered from a finalizer: after the call in progress
+            self._aborts_later.extend(ids)
+            for rid in ids:
+                self._queues.pop(rid, None)
+            return
+        with self._engine_call():
+            for rid in ids:
+                self.engine.abort(rid)
+                self._queues.pop(rid, None)
 
     def chat(self, messages: Conversation | Seq[Conversation],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
