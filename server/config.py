@@ -27,6 +27,11 @@ class ServerConfig:
         it is refused before generating (server/reply_size.py).
       watchdog_timeout_s: health goes NOT_SERVING when the engine loop makes no progress for
         this long with work queued (a compile in progress does not count); 0 is off.
+      log_stats_interval_s: every this many seconds, one log line of the engine's throughput,
+        requests, KV cache use and prefix cache hit rate when anything happened
+        (server/stats_logger.py); 0 is off.
+      access_log: one log line per finished call: request id, status, tokens, latency
+        (server/access_log.py).
     """
 
     host: str = "127.0.0.1"
@@ -41,6 +46,8 @@ class ServerConfig:
     metrics_port: int | None = None
     max_message_bytes: int = 16 * 1024 * 1024
     watchdog_timeout_s: float = 60.0
+    log_stats_interval_s: float = 10.0
+    access_log: bool = False
 
     def __post_init__(self):
         for name in ("port", "http_port"):
@@ -66,6 +73,9 @@ class ServerConfig:
         if self.watchdog_timeout_s < 0:
             raise ValueError(f"watchdog_timeout_s must be >= 0 (0 is off), got "
                              f"{self.watchdog_timeout_s}")
+        if not 0 <= self.log_stats_interval_s < float("inf"):
+            raise ValueError(f"log_stats_interval_s must be >= 0 (0 is off), got "
+                             f"{self.log_stats_interval_s}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
