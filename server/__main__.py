@@ -73,12 +73,12 @@ def configs_from_flags() -> tuple[EngineConfig, ServerConfig]:
 
 async def serve(engine_factory: Callable[[], Engine], server_config: ServerConfig) -> int:
     """Serves until SIGTERM/SIGINT, then drains and stops; returns the exit code."""
-    server = GrpcServer(engine_factory, server_config)
-    await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # first: a stop during start-up is honored too
         loop.add_signal_handler(sig, stop.set)
+    server = GrpcServer(engine_factory, server_config)
+    await server.start()
     load = asyncio.create_task(server.load())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -94,6 +94,16 @@ async def serve(engine_factory: Callable[[], Engine], server_config: ServerConfi
     load.cancel()
     if isinstance(server.engine, Engine):  # (a DisaggregatedEngine runs in one process)
         server.engine.runner.release_followers()  # multi-host: lets the other processes exit
+    busy = server.unfinished_threads()
+    if busy:
+        # Stopped while the model loads or compiles (or a step never returned): the thread is
+        # inside XLA and cannot be stopped, and interpreter shutdown under it would crash
+        # (SIGSEGV/SIGABRT). Leave at once, the logs flushed first.
+        logging.warning("exiting while %s still runs", ", ".join(busy))
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

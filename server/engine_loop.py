@@ -150,6 +150,7 @@ class EngineLoop:
                 self._commands.clear()
                 stopping = self._stopping
             deliveries = [d for command in commands for d in self._apply(command)]
+            self._holds_requests = self.engine.has_unfinished_requests  # before a long step
             if stopping:
                 deliveries += self._abort_all()
                 self._deliver(deliveries)

@@ -56,11 +56,20 @@ class GrpcServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.watchdog: Watchdog | None = None
+        self._load_thread: threading.Thread | None = None
         self._stopped = False
 
     @property
     def engine(self) -> Engine | None:
         return self.engine_loop.engine if self.engine_loop else None
+
+    def unfinished_threads(self) -> list[str]:
+        """After stop(): the names of this server's threads still running (the model's load,
+        which cannot be interrupted inside XLA, or an engine loop whose step never returned)."""
+        busy = [self._load_thread.name] if self._load_thread and self._load_thread.is_alive() else []
+        if self.engine_loop is not None and self.engine_loop.is_alive():
+            busy.append("engine-loop")
+        return busy
 
     def health_state(self) -> str:
         """SERVING, or why not: LOADING, DRAINING, STALLED (the watchdog). Any thread."""
@@ -125,7 +134,8 @@ class GrpcServer:
             except BaseException as e:
                 built.set_exception(e)
 
-        threading.Thread(target=build, name="engine-load", daemon=True).start()
+        self._load_thread = threading.Thread(target=build, name="engine-load", daemon=True)
+        self._load_thread.start()
         engine = await asyncio.wrap_future(built)
         # (A GGUF file's metadata is cached by now; a folder's is one small json file.)
         defaults = await asyncio.to_thread(GenerationDefaults.from_model, engine.model_path)

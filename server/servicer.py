@@ -136,6 +136,8 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
                 self._check_reply_size(len(prompt_ids), params)
             return await self.engine_loop.add_request(
                 prompt_ids, params, priority=request.priority, client_id=request.client_id)
+        except StatusError:
+            raise
         except NoChatTemplateError as e:
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
         except ValueError as e:
