@@ -109,3 +109,17 @@ class NgramProposer:
             spec.steps_without_proposal = 0
         elif k:
             spec.no_proposal(self.min_acceptance)
+
+
+def spec_decode_stats(before, after) -> dict:
+    """Speculative decoding over a run, from the EngineStats before and after it (empty when
+    nothing was verified): tokens proposed and accepted, the acceptance rate, and the mean
+    accepted length (tokens a speculating sequence gains per verification: accepted + 1)."""
+    drafts = after.num_draft_tokens - before.num_draft_tokens
+    accepted = after.num_accepted_tokens - before.num_accepted_tokens
+    steps = after.num_spec_steps - before.num_spec_steps
+    if not steps:
+        return {}
+    return {"num_draft_tokens": drafts, "num_accepted_tokens": accepted,
+            "acceptance_rate": round(accepted / drafts, 4),
+            "mean_accepted_length": round(1 + accepted / steps, 3)}

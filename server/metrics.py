@@ -55,8 +55,20 @@ class _EngineStatsCollector:
                  "recompute)", stats.num_swap_outs),
                 ("jaxserve_generation_tokens", "Tokens sampled", stats.num_generated_tokens),
                 ("jaxserve_prompt_tokens_computed", "Prompt tokens run through the model",
-                 stats.num_prompt_tokens_computed)):
+                 stats.num_prompt_tokens_computed),
+                ("jaxserve_spec_decode_draft_tokens", "Proposed tokens verified (speculative "
+                 "decoding)", stats.num_draft_tokens),
+                ("jaxserve_spec_decode_accepted_tokens", "Proposed tokens accepted",
+                 stats.num_accepted_tokens)):
             yield CounterMetricFamily(name, doc, value=value)
+        if stats.num_spec_steps:
+            yield GaugeMetricFamily("jaxserve_spec_decode_acceptance_rate",
+                                    "Accepted / proposed tokens, since start",
+                                    value=stats.num_accepted_tokens / stats.num_draft_tokens)
+            yield GaugeMetricFamily(
+                "jaxserve_spec_decode_mean_accepted_length", "Tokens a speculating sequence "
+                "gains per verification step (accepted + 1), since start",
+                value=1 + stats.num_accepted_tokens / stats.num_spec_steps)
 
 
 class ServerMetrics:

@@ -30,6 +30,7 @@ from absl import app, flags
 
 from jaxserve import Engine, SamplingParams
 from jaxserve.flags import FLAGS, engine_config_from_flags
+from jaxserve.spec_decode import spec_decode_stats
 from tools import hf_peer
 
 flags.DEFINE_string("shape", None, "A model shape from tools/model_shapes/ (random weights).")
@@ -60,6 +61,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, seed:
     for _ in range(batch):
         engine.add_request(rng.integers(0, vocab, input_len).tolist(), params)
     runner = engine.runner
+    before = engine.stats()
     periods, dispatch_us, recorded = [], [], None
     t0 = last = time.perf_counter()
     step = 0
@@ -83,6 +85,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int, seed:
               "engine_decode_step_mean_ms": _ms(np.mean(periods)) if periods else None,
               "dispatch_us": float(np.median(dispatch_us)) if dispatch_us else None,
               "decode_steps": len(periods)}
+    result.update(spec_decode_stats(before, engine.stats()))
     if recorded and replays:
         result["device_step_ms"] = _ms(runner.replay(recorded, replays))
         result["host_not_hidden_ms"] = result["engine_decode_step_ms"] - result["device_step_ms"]
