@@ -31,6 +31,7 @@ Every way a call can end maps to one status:
 import asyncio
 import concurrent.futures
 import contextlib
+import time
 
 import grpc
 
@@ -39,6 +40,7 @@ from jaxserve.generation_defaults import GenerationDefaults
 from jaxserve.outputs import RequestOutput
 from jaxserve.request_limits import prompt_byte_limit, utf8_size
 from server import proto_convert, reply_size
+from server.access_log import AccessLog
 from server.admission import Admission
 from server.config import ServerConfig
 from server.engine_loop import EngineFault, EngineLoop
@@ -60,6 +62,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         self.generation_defaults = GenerationDefaults()
         self._workers = concurrent.futures.ThreadPoolExecutor(_WORKERS, "request-work")
         self._text_bytes_per_token: int | None = None  # reply_size's, from the tokenizer
+        self.access_log = AccessLog(config.access_log)
 
     def close(self) -> None:
         """Ends the worker threads (work not started is dropped)."""
@@ -100,6 +103,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
         """Yields the request's RequestOutputs, the last one finished; aborts the call otherwise.
         unary: the whole reply is one message (Complete), so its size is bounded first."""
         code = grpc.StatusCode.OK
+        started, request_id, last = time.monotonic(), None, None  # for the access log
         try:
             with self.admission.slot():
                 request_id, queue = await self._add(request, unary)
@@ -111,6 +115,7 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
                         finished = output.finished
                         if finished:
                             self._record(output)
+                            last = output
                         yield output
                 finally:
                     if not finished:  # cancelled, past its deadline, or failed: free it now
@@ -123,6 +128,8 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             raise
         finally:
             self.metrics.requests.labels(code=code.name).inc()
+            rpc = "Complete" if unary else type(request).__name__.removesuffix("Request")
+            self.access_log.request_done(f"grpc {rpc}", request_id, code.name, last, started)
 
     async def _add(self, request: pb.GenerateRequest | pb.ChatRequest, unary: bool
                    ) -> tuple[str, asyncio.Queue]:
