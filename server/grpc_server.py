@@ -104,7 +104,9 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         address = f"[{c.host}]:{c.port}" if ":" in c.host else f"{c.host}:{c.port}"
-        if c.tls_cert:
+        if c.port is None:  # the HTTP API alone: the gRPC server runs with no port
+            pass
+        elif c.tls_cert:
             with open(c.tls_key, "rb") as f:
                 key = f.read()
             with open(c.tls_cert, "rb") as f:
@@ -119,8 +121,9 @@ class GrpcServer:
                                                    c.auth_token)
             logger.info("metrics on http://%s:%d/metrics (and /health)", c.host,
                         self.metrics_port)
-        logger.info("gRPC %s on %s:%d (%s); loading the model", SERVICE_NAME, c.host, self.port,
-                    "TLS" if c.tls_cert else "plaintext")
+        if self.port is not None:
+            logger.info("gRPC %s on %s:%d (%s); loading the model", SERVICE_NAME, c.host,
+                        self.port, "TLS" if c.tls_cert else "plaintext")
 
     async def load(self) -> None:
         """Builds the engine off the event loop, starts its loop thread, then health SERVING."""

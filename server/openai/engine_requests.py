@@ -1,0 +1,128 @@
+"""The engine requests of one HTTP call, through the server's one Admission and EngineLoop.
+
+A completion with k prompts is k engine requests (each with its n samples); a chat completion is
+one. `RequestGroup.open()` takes one admission slot per request and adds each through the
+engine loop, so that a refusal (429, 503, a bad value) comes before any response is sent;
+`outputs()` yields (prompt index, RequestOutput) as they arrive, merged over the requests;
+`close()` aborts whatever has not finished (the client went away, or an error) and gives the
+slots back. close() runs however the call ends: a finally in the unary path, the end of the
+streaming response in the streamed one (app.py), so no slot or KV block outlives its call.
+
+The same bookkeeping as the gRPC servicer: the latency histograms and admission's mean latency
+from each finished request.
+"""
+
+import asyncio
+import contextlib
+
+from jaxserve.chat_template import NoChatTemplateError, encode_chat
+from jaxserve.outputs import RequestOutput
+from jaxserve.request_limits import check_prompt_size
+from jaxserve.sampling_params import SamplingParams
+from server.admission import Admission
+from server.engine_loop import EngineFault
+from server.errors import StatusError
+from server.openai.errors import APIError, from_status_error, from_value_error
+
+
+async def encode_prompt(core, prompt: str | list[int]) -> list[int]:
+    """A prompt's token ids, tokenized on a worker thread (not the event loop, not the engine
+    thread). ValueError (named) for a text prompt too large or a model without a tokenizer."""
+    if not isinstance(prompt, str):
+        return prompt
+    engine = core.engine_loop.engine
+    check_prompt_size(prompt, engine.config.max_model_len)
+    if engine.tokenizer is None:
+        raise ValueError("prompt: this model has no tokenizer; give token ids")
+    if not prompt:
+        raise ValueError("prompt is empty")
+    return await asyncio.to_thread(engine.tokenizer.encode, prompt)
+
+
+async def encode_messages(core, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """A conversation rendered by the model's chat template and tokenized, on a worker thread."""
+    tokenizer = core.engine_loop.engine.tokenizer
+    if tokenizer is None:
+        raise NoChatTemplateError("messages: this model has no tokenizer, so no chat template; "
+                                  "use /v1/completions with token ids")
+    _, ids = await asyncio.to_thread(encode_chat, tokenizer, messages, add_generation_prompt)
+    return ids
+
+
+class RequestGroup:
+    def __init__(self, core, prompts: list[list[int]], params: SamplingParams, *,
+                 priority: int = 0, client_id: str = "", renames: dict[str, str] | None = None):
+        """core: the GrpcServer whose admission, engine loop and metrics are shared.
+        renames: request field names for the engine's (errors.from_value_error)."""
+        self._core, self._prompts, self.params = core, prompts, params
+        self._priority, self._client_id, self._renames = priority, client_id, renames
+        self._slots = contextlib.ExitStack()
+        self._queues: list[tuple[str, asyncio.Queue]] = []
+        self._finished: set[int] = set()
+        self._closed = False
+
+    async def open(self) -> None:
+        """Admits and adds every request; raises APIError (after closing) when one is refused."""
+        try:
+            for prompt in self._prompts:
+                self._slots.enter_context(self._core.admission.slot())
+                self._queues.append(await self._core.engine_loop.add_request(
+                    prompt, self.params, priority=self._priority, client_id=self._client_id))
+        except BaseException as e:
+            self.close()
+            if isinstance(e, StatusError):
+                raise from_status_error(e) from e
+            if isinstance(e, ValueError):
+                raise from_value_error(e, self._renames) from e
+            if isinstance(e, Exception):  # an engine fault on this request (logged there)
+                raise APIError(500, "adding the request failed; see the server log") from e
+            raise
+
+    async def outputs(self):
+        """Yields (prompt index, RequestOutput) until every request has finished. Outputs before
+        a request's last are deltas; its last is whole. Raises APIError for a failed request."""
+        gets = {}
+        try:
+            for i, (_, queue) in enumerate(self._queues):
+                gets[asyncio.ensure_future(queue.get())] = i
+            while gets:
+                done, _ = await asyncio.wait(gets, return_when=asyncio.FIRST_COMPLETED)
+                for get in sorted(done, key=gets.get):
+                    i = gets.pop(get)
+                    output = self._check(get.result(), self._queues[i][0])
+                    if output.finished:
+                        self._finished.add(i)
+                        self._record(output)
+                    else:
+                        gets[asyncio.ensure_future(self._queues[i][1].get())] = i
+                    yield i, output
+        finally:
+            for get in gets:
+                get.cancel()
+
+    def close(self) -> None:
+        """Aborts the unfinished requests (freeing their KV blocks) and gives the slots back."""
+        if self._closed:
+            return
+        self._closed = True
+        for i, (request_id, _) in enumerate(self._queues):
+            if i not in self._finished:
+                self._core.engine_loop.abort(request_id)
+        self._slots.close()
+
+    def _check(self, output: RequestOutput | EngineFault, request_id: str) -> RequestOutput:
+        if isinstance(output, EngineFault):
+            raise APIError(500, f"request {request_id}: {output}")
+        reasons = {c.finish_reason for c in output.outputs}
+        if "error" in reasons:
+            raise APIError(500, f"request {request_id} failed in the engine; see the server log")
+        if "abort" in reasons:
+            if self._core.admission.state == Admission.DRAINING:
+                raise APIError(503, "the server shut down before the request finished")
+            raise APIError(503, f"request {request_id} was aborted")
+        return output
+
+    def _record(self, output: RequestOutput) -> None:
+        self._core.metrics.observe_finished(output)
+        if output.metrics.e2e_latency is not None:
+            self._core.admission.record_latency(output.metrics.e2e_latency)
