@@ -18,7 +18,7 @@ import dataclasses
 from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.request import Sequence
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.stop_matcher import StopState, stop_strings
+from jaxserve.stop_matcher import StopMatcher
 from jaxserve.tokenizer import IncrementalDetokenizer
 
 
@@ -37,14 +37,14 @@ class RequestState:
     # What earlier outputs carried, per sequence: tokens (and logprobs), characters.
     sent_tokens: list[int] = dataclasses.field(default_factory=list)
     sent_chars: list[int] = dataclasses.field(default_factory=list)
-    # Per sequence: progress through the stop strings, made at its first text.
-    stop_states: list[StopState | None] = dataclasses.field(default_factory=list)
+    # Per sequence: its progress through the stop strings, made at its first text.
+    stop_matchers: list[StopMatcher | None] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.seqs)
         self.sent_tokens = self.sent_tokens or [0] * n
         self.sent_chars = self.sent_chars or [0] * n
-        self.stop_states = self.stop_states or [None] * n
+        self.stop_matchers = self.stop_matchers or [None] * n
 
     @property
     def finished(self) -> bool:
@@ -85,10 +85,10 @@ def _detokenize(req: RequestState, seq: Sequence, token: int | None, *, final: b
         delta += detok.flush()
     held = req.held[i]
     if seq.params.stop:
-        state = req.stop_states[i] or _start_stop_state(req, i)
+        matcher = req.stop_matchers[i] or _start_matcher(req, i)
         # Only a match that ends in the new text: an older one was looked for before (or came
         # before min_tokens, when stop strings do not count).
-        match = state.feed(delta, report=len(seq.output_token_ids) > seq.params.min_tokens)
+        match = matcher.feed(delta, report=len(seq.output_token_ids) > seq.params.min_tokens)
         if match is not None:
             cut = match.start  # into delta; negative: into the held text
             req.texts[i] += held[:len(held) + cut] if cut < 0 else held + delta[:cut]
@@ -97,7 +97,7 @@ def _detokenize(req: RequestState, seq: Sequence, token: int | None, *, final: b
             return True
         if not final:
             # Hold back the longest tail that could be the start of a stop string.
-            keep = state.hold
+            keep = matcher.hold
             if keep <= len(delta):
                 req.texts[i] += held + delta[:len(delta) - keep]
                 req.held[i] = delta[len(delta) - keep:]
@@ -111,12 +111,11 @@ def _detokenize(req: RequestState, seq: Sequence, token: int | None, *, final: b
     return False
 
 
-def _start_stop_state(req: RequestState, i: int) -> StopState:
-    """Sequence i's stop-string state; text already held (a hand-over's) is fed first."""
-    state = stop_strings(req.params.stop).start()
-    state.feed(req.held[i], report=False)
-    req.stop_states[i] = state
-    return state
+def _start_matcher(req: RequestState, i: int) -> StopMatcher:
+    """Sequence i's stop-string matcher; text already held (a hand-over's) is fed first."""
+    matcher = req.stop_matchers[i] = StopMatcher(req.params.stop)
+    matcher.feed(req.held[i], report=False)
+    return matcher
 
 
 def release_held(req: RequestState) -> None:

@@ -1,12 +1,14 @@
 """Stop strings matched as text arrives, in time linear in the new text whatever their length.
 
-Each stop string gets its Knuth-Morris-Pratt prefix table once per request (`StopStrings`,
-O(total characters)); each sequence then carries, per stop string, how many of its first
-characters the text ends with (`StopState`). Feeding new text advances those counts one
-character at a time: amortized O(new characters x number of stop strings) per step, never a
-scan of the old text or of every prefix of every stop string. The same counts say how much to
-hold back: the longest tail of the text that is a proper prefix of some stop string (a match
-may still grow out of it) is the largest of them.
+A sequence's `StopMatcher` carries, per stop string, how many of its first characters the text
+ends with. Feeding new text advances those counts one character at a time with the
+Knuth-Morris-Pratt prefix table of each stop string: amortized O(new characters x number of
+stop strings) per step, never a scan of the old text or of every prefix of every stop string.
+The same counts say how much to hold back: the longest tail of the text that is a proper prefix
+of some stop string (a match may still grow out of it) is the largest of them.
+
+The prefix tables grow only as far as the text has matched, so a stop string costs nothing up
+front either: a million-character one that the text never begins costs what "\\n" does.
 
 A match is reported only when asked (`report`): jaxserve/output_processor.py asks once the
 sequence has more than min_tokens tokens; before that the counts still advance, so a later
@@ -16,7 +18,6 @@ shortest stop string, as vLLM's `str.find` over each stop string gives.
 
 import array
 import dataclasses
-import functools
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,30 +28,16 @@ class StopMatch:
     stop: str
 
 
-class StopStrings:
-    """A request's stop strings with their prefix tables; shared by its sequences."""
+class StopMatcher:
+    """One sequence's progress through its stop strings."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = stops
-        # tables[i][k]: for stops[i][:k + 1], the length of its longest proper prefix that is
-        # also its suffix. [num_stops] arrays of [len(stop)].
-        self.tables = [_prefix_table(s) for s in stops]
-
-    def start(self) -> "StopState":
-        return StopState(self, [0] * len(self.stops))
-
-
-@functools.lru_cache(maxsize=64)
-def stop_strings(stops: tuple[str, ...]) -> StopStrings:
-    """The StopStrings of a stop tuple, built once for requests that share it."""
-    return StopStrings(stops)
-
-
-@dataclasses.dataclass
-class StopState:
-    """One sequence's progress through its request's stop strings."""
-    strings: StopStrings
-    matched: list[int]  # [num_stops]: the text ends with stops[i][:matched[i]]; < len(stops[i])
+        # matched[i]: the text ends with stops[i][:matched[i]], always < len(stops[i]).
+        self.matched = [0] * len(stops)
+        # tables[i][j]: the longest proper prefix of stops[i][:j + 1] that is also its suffix;
+        # filled for j < the most characters of stops[i] matched so far.
+        self.tables = [array.array("i", [0]) for _ in stops]
 
     @property
     def hold(self) -> int:
@@ -60,30 +47,28 @@ class StopState:
     def feed(self, text: str, *, report: bool) -> StopMatch | None:
         """Advances over text; -> the earliest stop string that ends in it, when report."""
         best: tuple[int, int, int] | None = None  # (start, length, index) of the earliest match
-        stops, tables, matched = self.strings.stops, self.strings.tables, self.matched
-        for i, (stop, table) in enumerate(zip(stops, tables)):
-            k, n = matched[i], len(stop)
+        for i, stop in enumerate(self.stops):
+            table, k, n = self.tables[i], self.matched[i], len(stop)
             for j, ch in enumerate(text):
                 while k and stop[k] != ch:
                     k = table[k - 1]
                 if stop[k] == ch:
                     k += 1
+                    if k == len(table) < n:
+                        _extend(table, stop)
                     if k == n:
                         start = j + 1 - n
                         if report and (best is None or (start, n) < best[:2]):
                             best = (start, n, i)
                         k = table[k - 1]
-            matched[i] = k
-        return None if best is None else StopMatch(best[0], stops[best[2]])
+            self.matched[i] = k
+        return None if best is None else StopMatch(best[0], self.stops[best[2]])
 
 
-def _prefix_table(s: str) -> array.array:
-    table = array.array("i", [0]) * len(s)
-    k = 0
-    for j in range(1, len(s)):
-        while k and s[k] != s[j]:
-            k = table[k - 1]
-        if s[k] == s[j]:
-            k += 1
-        table[j] = k
-    return table
+def _extend(table: array.array, s: str) -> None:
+    """Adds the next entry of s's prefix table (the classic loop, one step of it)."""
+    j = len(table)
+    k = table[j - 1]
+    while k and s[k] != s[j]:
+        k = table[k - 1]
+    table.append(k + 1 if s[k] == s[j] else 0)
