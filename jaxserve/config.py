@@ -175,8 +175,9 @@ class EngineConfig:
         jaxserve cache folder (jaxserve/default_model.py), so a restart compiles nothing anew;
         a cache folder set in jax.config beforehand is used instead.
       speculative_method: "none", "ngram" (prompt lookup: the latest earlier occurrence of the
-        sequence's last n tokens proposes the tokens that followed it) or "draft" (not
-        implemented yet: refused). Proposals are verified in one step (docs/SPECULATIVE.md).
+        sequence's last n tokens proposes the tokens that followed it) or "draft" (a smaller
+        model, speculative_model, drafts greedily). Proposals are verified in one step
+        (docs/SPECULATIVE.md).
       num_speculative_tokens: tokens proposed per step and sequence (k); each speculating
         sequence then runs k + 1 query tokens.
       speculative_model: checkpoint of the draft model (same tokenizer), for method "draft".
@@ -270,9 +271,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.speculative_min_acceptance must be in [0, 1], got {rate!r}")
         if self.speculative_method == "none":
             return
-        if self.speculative_method == "draft":
-            raise ValueError("EngineConfig.speculative_method 'draft' (a draft model) is not "
-                             "implemented yet; use 'ngram' (docs/SPECULATIVE.md)")
+        if self.speculative_method == "draft" and not self.speculative_model:
+            raise ValueError("EngineConfig.speculative_method 'draft' needs speculative_model "
+                             "(the draft model's checkpoint, with the target's tokenizer)")
         if self.speculative_model is not None and self.speculative_method != "draft":
             raise ValueError("EngineConfig.speculative_model is only for speculative_method 'draft'")
         if self.num_speculative_tokens + 1 > self.max_num_batched_tokens:

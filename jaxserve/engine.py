@@ -45,6 +45,7 @@ from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
 from jaxserve.scheduling_policy import make_policy
 from jaxserve.spec_decode import NgramProposer, SpecState
+from jaxserve.spec_draft import DraftProposer
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from sharding.mesh import MeshShape, make_mesh
 
@@ -109,6 +110,13 @@ class Engine:
         mesh = make_mesh(MeshShape.of(self.config), devices)
         model = load_model(self.model_path, self.config.dtype, mesh=mesh, progress=progress,
                            random_weights=random_weights)
+        c = self.config
+        self.proposer = None
+        if c.speculative_method == "ngram":
+            self.proposer = NgramProposer(c.num_speculative_tokens, c.ngram_min, c.ngram_max,
+                                          c.max_model_len, c.speculative_min_acceptance)
+        elif c.speculative_method == "draft":  # before the target's KV cache takes the memory
+            self.proposer = DraftProposer(c, model_config, mesh, precompile, progress)
         self.runner = ModelRunner(model, self.config, self.config.num_kv_blocks, precompile,
                                   progress, mesh=mesh)
         self.kv_cache = KVCacheManager(self.runner.num_kv_blocks, self.config.block_size,
@@ -121,11 +129,6 @@ class Engine:
         self._seed_rng = random.Random(self.config.seed)
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
-        c = self.config
-        self.proposer = None
-        if c.speculative_method == "ngram":
-            self.proposer = NgramProposer(c.num_speculative_tokens, c.ngram_min, c.ngram_max,
-                                          c.max_model_len, c.speculative_min_acceptance)
         self.num_draft_tokens = self.num_accepted_tokens = self.num_spec_steps = 0
         # A prefill engine hands requests over right after their first token: no step ahead.
         self.async_scheduling = (self.config.async_scheduling
@@ -399,15 +402,17 @@ class Engine:
 
     def _propose(self) -> None:
         """Proposals for the running speculating sequences whose tokens are all known."""
+        ready = []
         for seq in self.scheduler.running:
             spec = seq.spec
             if spec is None:
                 continue
             if (spec.enabled and not seq.num_pending
                     and seq.num_computed_tokens == seq.num_tokens - 1):
-                self.proposer.propose(seq)
+                ready.append(seq)
             else:
                 spec.proposals = []
+        self.proposer.propose_batch(ready, self.scheduler.running)
 
     def _read_in_flight_if_idle(self) -> None:
         """With no request left, nothing overlaps the step in flight: read it now (its tokens
@@ -505,6 +510,8 @@ class Engine:
         flight = self._in_flight
         in_flight = flight is not None and seq.seq_id in flight.seq_ids
         self.scheduler.finish(seq, reason, free_blocks=not in_flight)
+        if self.proposer is not None:
+            self.proposer.release(seq)
         if in_flight:
             flight.deferred_free.append(seq)
             self.scheduler.frees_pending = True

@@ -97,6 +97,15 @@ class NgramProposer:
         return max(0, min(self.k, max_tokens - seq.num_output_tokens - 1,
                           self.max_model_len - seq.num_tokens))
 
+    def propose_batch(self, seqs: list[Sequence], running: list[Sequence]) -> None:
+        """Proposals for each of seqs (running, all of their tokens known)."""
+        del running  # no per-sequence state beyond SpecState
+        for seq in seqs:
+            self.propose(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence finished; nothing to free."""
+
     def propose(self, seq: Sequence) -> None:
         """Sets seq.spec.proposals (empty when nothing recurs or nothing is left to propose)."""
         spec = seq.spec

@@ -25,7 +25,7 @@ SPEC = dict(speculative_method="ngram", speculative_min_acceptance=0.0)
     (dict(speculative_method="ngram", num_speculative_tokens=0), "num_speculative_tokens"),
     (dict(ngram_min=3, ngram_max=2), "ngram_min (3) must be <= ngram_max (2)"),
     (dict(speculative_min_acceptance=1.5), "speculative_min_acceptance"),
-    (dict(speculative_method="draft"), "not implemented"),
+    (dict(speculative_method="draft"), "needs speculative_model"),
     (dict(speculative_method="ngram", speculative_model="/m"), "speculative_model"),
     (dict(speculative_method="ngram", disaggregation_role="decode"), "disaggregation_role"),
     (dict(speculative_method="ngram", sequence_parallel=2), "sequence_parallel"),
@@ -70,9 +70,14 @@ with open(fixture_path("llama3") + "/golden.json") as f:
     GOLDEN = json.load(f)
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft"])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_golden_greedy_tokens_with_speculation(k):
-    engine = build_engine("llama3", num_speculative_tokens=k, **SPEC)
+def test_golden_greedy_tokens_with_speculation(method, k):
+    """The draft is the target itself: it must accept every proposal."""
+    spec = dict(SPEC, speculative_method=method)
+    if method == "draft":
+        spec["speculative_model"] = fixture_path("llama3")
+    engine = build_engine("llama3", num_speculative_tokens=k, **spec)
     n = len(GOLDEN["greedy_tokens"][0])
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     prompts = GOLDEN["prompts"] + [GOLDEN["greedy_tokens"][2] * 2]  # one that repeats
@@ -80,7 +85,13 @@ def test_golden_greedy_tokens_with_speculation(k):
     outs = run_to_completion(engine)
     got = [outs[i].outputs[0].token_ids for i in ids]
     assert got[:len(GOLDEN["prompts"])] == GOLDEN["greedy_tokens"]
-    assert engine.stats().num_draft_tokens > 0
+    stats = engine.stats()
+    assert stats.num_draft_tokens > 0
+    if method == "draft":
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
+        draft = engine.proposer
+        assert draft.kv_cache.num_free_blocks == draft.kv_cache.num_blocks
+        assert draft.runner.batch.num_free_slots == engine.config.max_num_seqs
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
 
 
@@ -184,3 +195,25 @@ def test_llm_takes_the_speculative_fields():
     out = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=24,
                                                    ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 24
+
+
+@pytest.fixture(scope="module")
+def wrong_draft():
+    """The tiny model drafting for itself, each proposal then moved off by one: never right."""
+    engine = Engine(BUILTIN_MODEL, EngineConfig(**TINY, num_speculative_tokens=3, **dict(
+        SPEC, speculative_method="draft", speculative_model=BUILTIN_MODEL)), precompile=False,
+        progress=False)
+    run, vocab = engine.proposer._run, engine.model_config.vocab_size
+    engine.proposer._run = lambda wants: {i: [(t + 1) % vocab for t in ts]
+                                          for i, ts in run(wants).items()}
+    return engine
+
+
+def test_an_always_wrong_draft_accepts_nothing_and_keeps_the_output(tiny, wrong_draft):
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    assert outputs(wrong_draft, PROMPTS, params) == outputs(tiny[0], PROMPTS, params)
+    stats = wrong_draft.stats()
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == 0
+    assert_idle(wrong_draft)
+    draft = wrong_draft.proposer
+    assert draft.kv_cache.num_free_blocks == draft.kv_cache.num_blocks
