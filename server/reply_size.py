@@ -11,10 +11,14 @@ proto field (packed varint ids, text, one TokenLogprob with its top entries):
 
 It is an upper bound, not an estimate: a reply it lets through fits. (Should one still exceed the
 limit the servicer answers OUT_OF_RANGE after measuring it, never RESOURCE_EXHAUSTED.)
+
+A stream needs no bound, but one message of it can still grow (a slow reader's deltas are merged
+into one): `split_stream_response` cuts such a message into several under the limit.
 """
 
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import Tokenizer
+from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 
 _VARINT = 5  # a non-negative int32 as a varint, at most
 _LENGTH = 5  # a length prefix, at most (messages under 4 GiB)
@@ -55,3 +59,53 @@ def too_big_after(size: int, limit: int, hint: str = "") -> str:
 
 
 COMPLETE_HINT = "; lower n, max_tokens or logprobs, or stream it with Generate"
+
+
+def split_stream_response(response: pb.GenerateResponse, limit: int
+                          ) -> list[pb.GenerateResponse]:
+    """One streamed delta as messages of at most `limit` bytes, in order (a slow reader's merged
+    deltas can outgrow the limit). A client appends each sample's token_ids, logprobs and text
+    across messages, so any split in order reads the same; each sample's finish_reason and stop
+    reason go on its last piece, `finished` and usage on the last message."""
+    if response.ByteSize() <= limit:
+        return [response]
+    budget = max(limit // 2, limit - _REPLY_OVERHEAD)
+    pieces = [piece for sample in response.samples for piece in _split_sample(sample, budget)]
+    messages = [pb.GenerateResponse(request_id=response.request_id, samples=[piece])
+                for piece in pieces] or [pb.GenerateResponse(request_id=response.request_id)]
+    messages[-1].finished = response.finished
+    if response.HasField("usage"):
+        messages[-1].usage.CopyFrom(response.usage)
+    return messages
+
+
+def _split_sample(sample: pb.SampleOutput, budget: int) -> list[pb.SampleOutput]:
+    parts = 1
+    while True:
+        parts *= 2
+        pieces = _sample_pieces(sample, parts)
+        if all(p.ByteSize() <= budget for p in pieces) or parts >= 2 * max(
+                len(sample.token_ids), len(sample.text), 1):
+            return pieces
+
+
+def _sample_pieces(sample: pb.SampleOutput, parts: int) -> list[pb.SampleOutput]:
+    """The sample cut into `parts` contiguous pieces of tokens (with their logprobs) and text."""
+    def cut(seq, i):
+        size = -(-len(seq) // parts)  # ceil
+        return seq[i * size:(i + 1) * size]
+
+    pieces = []
+    for i in range(parts):
+        piece = pb.SampleOutput(index=sample.index, token_ids=cut(sample.token_ids, i),
+                                text=cut(sample.text, i), logprobs=cut(sample.logprobs, i))
+        if piece.token_ids or piece.text or piece.logprobs:
+            pieces.append(piece)
+    last = pieces[-1] if pieces else pb.SampleOutput(index=sample.index)
+    if not pieces:
+        pieces.append(last)
+    last.finish_reason = sample.finish_reason
+    which = sample.WhichOneof("stop_reason")
+    if which is not None:
+        setattr(last, which, getattr(sample, which))
+    return pieces

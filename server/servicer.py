@@ -80,7 +80,9 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             async for output in outputs:
                 response = encoder.encode(output)
                 if response is not None:
-                    yield response
+                    for message in reply_size.split_stream_response(
+                            response, self.config.max_message_bytes):
+                        yield message
 
     Chat = Generate  # the same stream; only the prompt is made differently (`_prompt`)
 

@@ -110,6 +110,8 @@ def test_oversize_reply_is_refused_before_generating(make_server, monkeypatch):
     assert "max_message_bytes (4096)" in error.value.details()
     assert server.server.engine_loop.stats.num_generated_tokens == generated  # nothing ran
     assert stub.Complete(pb.GenerateRequest(text="small", params=greedy(8)), timeout=30)
+    # The same request streamed is fine: each message stays under the limit (split if need be).
+    assert sum(len(s.token_ids) for r in stub.Generate(big, timeout=30) for s in r.samples) == 256
     # Should a reply pass the bound and still be too big: OUT_OF_RANGE, not RESOURCE_EXHAUSTED.
     monkeypatch.setattr(reply_size, "complete_reply_bound", lambda *args: 0)
     with pytest.raises(grpc.RpcError) as error:
@@ -117,6 +119,29 @@ def test_oversize_reply_is_refused_before_generating(make_server, monkeypatch):
     assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert "4096" in error.value.details()
     assert server.wait_idle()
+
+
+def test_a_stream_message_over_the_limit_is_split_in_order():
+    samples = [pb.SampleOutput(
+        index=i, token_ids=list(range(100)), text="é" * 700, finish_reason=pb.FINISH_REASON_STOP,
+        stop_string="end", logprobs=[pb.TokenLogprob(token_id=t, logprob=-1.5, top=[
+            pb.TopLogprob(token_id=u, logprob=-2.0) for u in range(20)]) for t in range(100)])
+        for i in range(3)]
+    response = pb.GenerateResponse(request_id="r", samples=samples, finished=True,
+                                   usage=pb.Usage(output_tokens=300))
+    assert response.ByteSize() > 40_000
+    messages = reply_size.split_stream_response(response, 4096)
+    assert all(m.ByteSize() <= 4096 for m in messages)
+    assert [m.finished for m in messages] == [False] * (len(messages) - 1) + [True]
+    assert messages[-1].usage.output_tokens == 300 and not messages[0].HasField("usage")
+    for sample in samples:
+        pieces = [p for m in messages for p in m.samples if p.index == sample.index]
+        assert [t for p in pieces for t in p.token_ids] == list(sample.token_ids)
+        assert "".join(p.text for p in pieces) == sample.text
+        assert [lp for p in pieces for lp in p.logprobs] == list(sample.logprobs)
+        assert [p.stop_string for p in pieces] == [""] * (len(pieces) - 1) + ["end"]
+        assert pieces[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert reply_size.split_stream_response(messages[0], 4096) == [messages[0]]
 
 
 def http_get(port: int, path: str, token: str | None = None) -> tuple[int, str]:
