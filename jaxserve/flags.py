@@ -4,9 +4,10 @@
 
 from absl import flags
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.dataclass_flags import define_flags
-from jaxserve.default_model import BUILTIN_MODEL, DEFAULT_MODEL, SMOLLM2_INSTALL, SMOLLM2_MODEL
+from jaxserve.default_model import (BUILTIN_MODEL, DEFAULT_MODEL, SMOLLM2_INSTALL, SMOLLM2_MODEL,
+                                    resolve_model_path)
 from jaxserve.disaggregation import DisaggregatedEngine
 from jaxserve.engine import Engine
 from sharding import distributed
@@ -37,6 +38,14 @@ FLAGS = flags.FLAGS
 def engine_config_from_flags() -> EngineConfig:
     """The EngineConfig the engine flags describe; ValueError names a bad value."""
     return ENGINE.build()
+
+
+def check_model_against_flags(engine_config: EngineConfig) -> None:
+    """Checks --model and the engine flags against the model's config and the devices, before
+    anything loads (a server checks here what the engine would only find on its load thread):
+    FileNotFoundError or ValueError naming what is wrong (a missing model, a mesh that does not
+    fit, a max_model_len past the model's)."""
+    engine_config.resolve(ModelConfig.from_dir(resolve_model_path(FLAGS.model)))
 
 
 def engine_class_from_flags() -> type[Engine] | type[DisaggregatedEngine]:

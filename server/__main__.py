@@ -1,9 +1,14 @@
-"""`python -m server`: serve one model over gRPC.
+"""`jaxserve serve` (or python -m server): serve one model over gRPC, and the OpenAI-compatible
+HTTP API beside it.
 
-    python -m server                                  # SmolLM2 (--model=smollm2), 127.0.0.1:50051
-    python -m server --model=/ckpt/llama-3-8b --max_num_seqs=64 --metrics_port=9090
+    jaxserve serve                                 # SmolLM2 (--model=smollm2), 127.0.0.1:50051
+    jaxserve serve --model=/ckpt/llama-3-8b --max_num_seqs=64 --metrics_port=9090
+    jaxserve serve --http_port=8000                # and http://127.0.0.1:8000/v1
+    jaxserve serve --http_port=8000 --nogrpc       # the HTTP API alone
+    jaxserve serve --access_log --log_stats_interval_s=5     # a line per request, stats every 5 s
 
-Flags become an EngineConfig and a ServerConfig here, once. SIGTERM (or Ctrl-C) drains: new
+Flags become an EngineConfig and a ServerConfig here, once; the model, the mesh and the ports
+are checked before anything binds. SIGTERM (or Ctrl-C) drains: new
 calls get UNAVAILABLE, health turns NOT_SERVING, running requests get --grace_period_s to
 finish, the rest are aborted, then the process exits 0.
 """
@@ -21,54 +26,51 @@ from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE
 from jaxserve.engine import Engine
 from server.config import ServerConfig
 from server.grpc_server import GrpcServer
-from jaxserve.flags import (FLAGS, engine_class_from_flags, engine_config_from_flags,
-                            initialize_distributed_from_flags)
+from server.openai.http_server import HttpServer
+from jaxserve import cli_app
+from jaxserve.dataclass_flags import define_flags
+from jaxserve.flags import (FLAGS, check_model_against_flags, engine_class_from_flags,
+                            engine_config_from_flags, initialize_distributed_from_flags)
+from server.listen_check import check_can_listen
+from server.stats_logger import StatsLogger
 from sharding import distributed
 
-_SERVER = ServerConfig()
-
-# --model and the engine limits (--max_num_seqs, --max_num_batched_tokens, --max_model_len,
-# --block_size, --num_kv_blocks, --dtype, --attention_backend, --enable_prefix_caching,
-# --enable_chunked_prefill, --tensor_parallel, ..., the multi-host flags) are jaxserve/flags.py's,
-# shared with the CLI runner.
-flags.DEFINE_string("host", _SERVER.host, "Address to listen on; 0.0.0.0 exposes the server.")
-flags.DEFINE_integer("port", _SERVER.port, "gRPC port; 0 picks a free one (logged).")
+# --model, the engine flags (one per EngineConfig field) and the multi-host flags are
+# jaxserve/flags.py's, shared with every jaxserve command. The server flags: one per ServerConfig
+# field (--host, --port, --http_port, --max_pending, --grace_period_s, --tls_cert, --auth_token,
+# --metrics_port, --watchdog_timeout_s, --log_stats_interval_s, --access_log, ...), with its
+# default and the help of its docstring (jaxserve/dataclass_flags.py).
+SERVER = define_flags(ServerConfig, "server")
+flags.DEFINE_boolean("grpc", True, "Serve gRPC on --port; --nogrpc serves the HTTP API alone "
+                     "(with --http_port).")
 flags.DEFINE_boolean("precompile", True, "Compile every step shape before serving (slower start, "
                      "no compile pauses later).")
 flags.DEFINE_boolean("random_weights", False, "Initialize the model randomly from --model's "
                      "config.json instead of loading weights (to benchmark a model shape).")
 flags.DEFINE_string("compilation_cache_dir", "", "Persistent JAX compilation cache; a restart "
                     "with the same model and limits then skips compiling.")
-# Server.
-flags.DEFINE_integer("max_pending", _SERVER.max_pending, "Requests admitted at once (waiting + "
-                     "running); past it calls get RESOURCE_EXHAUSTED with a retry-after-ms hint.")
-flags.DEFINE_float("grace_period_s", _SERVER.grace_period_s,
-                   "On SIGTERM, how long running requests may take to finish.")
-flags.DEFINE_string("tls_cert", "", "PEM certificate chain; with --tls_key serves TLS.")
-flags.DEFINE_string("tls_key", "", "PEM private key.")
-flags.DEFINE_string("auth_token", "", "When set, every call must carry 'authorization: Bearer "
-                    "<token>'. The environment variable JAXSERVE_AUTH_TOKEN is read when this flag "
-                    "is empty (it keeps the token off the command line).")
-flags.DEFINE_integer("metrics_port", 0, "Prometheus /metrics port on --host; 0: off.")
-flags.DEFINE_integer("max_message_bytes", _SERVER.max_message_bytes,
-                     "Largest gRPC message sent or received; a unary reply that could exceed it "
-                     "is refused before generating.")
-flags.DEFINE_float("watchdog_timeout_s", _SERVER.watchdog_timeout_s,
-                   "Health goes NOT_SERVING when the engine loop makes no progress for this long "
-                   "with work queued (compiles excepted); 0: off.")
 
 
 def configs_from_flags() -> tuple[EngineConfig, ServerConfig]:
     """The two configs the flags describe; ValueError names the bad flag."""
     engine_config = engine_config_from_flags()
-    server_config = ServerConfig(
-        host=FLAGS.host, port=FLAGS.port, max_pending=FLAGS.max_pending,
-        grace_period_s=FLAGS.grace_period_s, tls_cert=FLAGS.tls_cert or None,
-        tls_key=FLAGS.tls_key or None,
-        auth_token=FLAGS.auth_token or os.environ.get("JAXSERVE_AUTH_TOKEN") or None,
-        metrics_port=FLAGS.metrics_port or None, max_message_bytes=FLAGS.max_message_bytes,
-        watchdog_timeout_s=FLAGS.watchdog_timeout_s)
+    # The token may come from JAXSERVE_AUTH_TOKEN instead (it keeps it off the command line).
+    server_config = SERVER.build(
+        port=FLAGS.port if FLAGS.grpc else None,
+        served_model_name=FLAGS.served_model_name or FLAGS.model,
+        tls_cert=FLAGS.tls_cert or None, tls_key=FLAGS.tls_key or None,
+        auth_token=FLAGS.auth_token or os.environ.get("JAXSERVE_AUTH_TOKEN") or None)
     return engine_config, server_config
+
+
+def check_before_start(engine_config: EngineConfig, server_config: ServerConfig) -> None:
+    """What would otherwise fail on the load thread or at bind, checked first so that it is one
+    line: the model, the engine limits and mesh against it, and the ports (ValueError or
+    FileNotFoundError naming what is wrong)."""
+    check_model_against_flags(engine_config)
+    for port, flag in ((server_config.port, "port"), (server_config.http_port, "http_port"),
+                       (server_config.metrics_port, "metrics_port")):
+        check_can_listen(server_config.host, port, flag)
 
 
 async def serve(engine_factory: Callable[[], Engine], server_config: ServerConfig) -> int:
@@ -79,8 +81,20 @@ async def serve(engine_factory: Callable[[], Engine], server_config: ServerConfi
         loop.add_signal_handler(sig, stop.set)
     server = GrpcServer(engine_factory, server_config)
     await server.start()
+    http = HttpServer(server) if server_config.http_port is not None else None
+    if http is not None:
+        try:
+            await http.start()
+        except OSError:  # --http_port in use
+            await server.stop()
+            raise
     load = asyncio.create_task(server.load())
     stopping = asyncio.create_task(stop.wait())
+    stats = None
+    if server_config.log_stats_interval_s:  # the periodic serving line (server/stats_logger.py)
+        stats = asyncio.create_task(StatsLogger(
+            lambda: server.engine_loop.stats if server.engine_loop else None,
+            server_config.log_stats_interval_s).run())
     await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if load.done() and load.exception() is not None:
@@ -90,8 +104,12 @@ async def serve(engine_factory: Callable[[], Engine], server_config: ServerConfi
         await stopping
         logging.info("stop requested")
     await server.drain()
+    if http is not None:
+        await http.stop()
     await server.stop()
     load.cancel()
+    if stats is not None:
+        stats.cancel()
     if isinstance(server.engine, Engine):  # (a DisaggregatedEngine runs in one process)
         server.engine.runner.release_followers()  # multi-host: lets the other processes exit
     busy = server.unfinished_threads()
@@ -110,11 +128,18 @@ async def serve(engine_factory: Callable[[], Engine], server_config: ServerConfi
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    initialize_distributed_from_flags()
     try:
         engine_config, server_config = configs_from_flags()
         engine_class = engine_class_from_flags()
     except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    initialize_distributed_from_flags()
+    try:
+        if distributed.is_leader():  # (the others serve nothing)
+            check_before_start(engine_config, server_config)
+        else:
+            check_model_against_flags(engine_config)
+    except (ValueError, FileNotFoundError) as e:
         raise app.UsageError(str(e)) from e
     if FLAGS.compilation_cache_dir:
         import jax
@@ -134,5 +159,10 @@ def main(argv: list[str]) -> None:
         server_config)))
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """`jaxserve serve`: main() under jaxserve/cli_app.py's flag parsing and error handling."""
+    cli_app.run(main, "serve", argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli()

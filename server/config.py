@@ -13,15 +13,19 @@ from server.routing_policy import POLICIES, PrefixAffinity
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """Attributes:
-      host, port: where gRPC listens; port 0 picks a free one (GrpcServer.port tells which);
-        port None: no gRPC (the HTTP API alone).
+      host: the address to listen on (every port below); 0.0.0.0 exposes the server.
+      port: the gRPC port; 0 picks a free one (GrpcServer.port tells which); None: no gRPC (the
+        HTTP API alone).
       http_port: the OpenAI-compatible HTTP API (server/openai/) on `host`, beside gRPC and
         sharing its engine loop, admission and metrics; None is off, 0 picks a free port.
       served_model_name: the model's name in the HTTP API (`model`, /v1/models); None: its path.
       max_pending: requests admitted at once (waiting + running); past it, RESOURCE_EXHAUSTED.
       grace_period_s: on drain (SIGTERM), how long running requests may take to finish.
-      tls_cert, tls_key: PEM files; both or neither.
-      auth_token: when set, every call must carry `authorization: Bearer <auth_token>`.
+      tls_cert, tls_key: PEM files, the certificate chain and its private key: TLS; both or
+        neither.
+      auth_token: when set, every call must carry `authorization: Bearer <auth_token>` (the
+        flag: JAXSERVE_AUTH_TOKEN is read when it is not given, keeping the token off the
+        command line).
       metrics_port: Prometheus endpoint on `host`; None is off, 0 picks a free port.
       max_message_bytes: largest gRPC message sent or received; a unary reply that could exceed
         it is refused before generating (server/reply_size.py).

@@ -67,11 +67,16 @@ def chat(llm: LLM, params: SamplingParams, system: str | None = None,
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    try:  # a bad flag or checkpoint: its message names it
+    try:  # the flags alone, before anything loads
+        sampling_params_from_flags()
+        engine_config = engine_config_from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    try:  # a bad checkpoint, a mesh that does not fit, a limit past the model's: named
         params = sampling_params_from_flags(
             GenerationDefaults.from_model(resolve_model_path(FLAGS.model)))
         llm = LLM(FLAGS.model, precompile=FLAGS.precompile, disaggregate=FLAGS.disaggregate,
-                  **dataclasses.asdict(engine_config_from_flags()))
+                  **dataclasses.asdict(engine_config))
     except (ValueError, FileNotFoundError) as e:
         raise app.UsageError(str(e)) from e
     if llm.tokenizer is None or llm.tokenizer.chat_template.template is None:

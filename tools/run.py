@@ -63,12 +63,17 @@ def _chat_prompt_ids(engine: Engine, prompt: str) -> list[int]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (a prompt goes in --prompt)")
+    try:  # the flags alone, before anything loads
+        sampling_params_from_flags()
+        engine_config = engine_config_from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     initialize_distributed_from_flags()
     t0 = time.perf_counter()
-    try:  # a bad flag or checkpoint: its message names it
+    try:  # a bad checkpoint, a mesh that does not fit, a limit past the model's: named
         params = sampling_params_from_flags(
             GenerationDefaults.from_model(resolve_model_path(FLAGS.model)))
-        engine = engine_class_from_flags()(FLAGS.model, engine_config_from_flags(),
+        engine = engine_class_from_flags()(FLAGS.model, engine_config,
                                            precompile=FLAGS.precompile)
     except (ValueError, FileNotFoundError) as e:
         raise app.UsageError(str(e)) from e
