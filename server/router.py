@@ -31,12 +31,14 @@ import grpc
 from absl import app, flags
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Counter
 
 from server.auth import BearerTokenInterceptor
 from server.backend_pool import SERVICE_NAME, BackendPool, BackendStats, NoBackendError
 from server.config import RouterConfig
 from server.gen.jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
+from server.metrics_http import MetricsHttpServer
+from server.parse_errors import ParseErrorInterceptor
 from server.routing_policy import POLICIES, PrefixAffinity, make_policy
 
 logger = logging.getLogger(__name__)
@@ -123,7 +125,11 @@ class Router:
         self.registry = CollectorRegistry()
         self.registry.register(self.pool)
         self._server: grpc.aio.Server | None = None
-        self._metrics_http = None
+        self.unauthenticated = Counter(
+            "jaxserve_unauthenticated_calls", "Calls refused for a missing or wrong bearer token",
+            ["endpoint"], registry=self.registry)  # endpoint: grpc or metrics
+        self._metrics_http: MetricsHttpServer | None = None
+        self._health_state = "LOADING"  # for the metrics port's /health: SERVING or why not
         self.port: int | None = None
         self.metrics_port: int | None = None
 
@@ -135,7 +141,9 @@ class Router:
         """Binds, serves (health NOT_SERVING until a backend is SERVING), starts health checks."""
         c = self.config
         await self._set_health(False)
-        interceptors = [BearerTokenInterceptor(c.auth_token)] if c.auth_token else []
+        refused = self.unauthenticated.labels(endpoint="grpc")
+        interceptors = [BearerTokenInterceptor(c.auth_token, refused.inc)] if c.auth_token else []
+        interceptors.append(ParseErrorInterceptor())  # inside auth: no token is UNAUTHENTICATED
         self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_send_message_length", c.max_message_bytes),
             ("grpc.max_receive_message_length", c.max_message_bytes),
@@ -151,25 +159,28 @@ class Router:
         await self._server.start()
         await self.pool.start()
         if c.metrics_port is not None:
-            self._metrics_http, _ = start_http_server(c.metrics_port, addr=c.host,
-                                                      registry=self.registry)
-            self.metrics_port = self._metrics_http.server_port
-            logger.info("metrics on http://%s:%d/metrics", c.host, self.metrics_port)
+            self._metrics_http = MetricsHttpServer(self.registry, lambda: self._health_state,
+                                                   self.unauthenticated, c.auth_token)
+            self.metrics_port = self._metrics_http.start(c.host, c.metrics_port)
+            logger.info("metrics on http://%s:%d/metrics (and /health)", c.host,
+                        self.metrics_port)
         logger.info("router on %s:%d: %s over %s", c.host, self.port, c.policy,
                     ", ".join(c.backends))
 
     async def stop(self) -> None:
         """Refuses new calls, lets running ones finish within grace_period_s, closes channels."""
+        self._health_state = "DRAINING"
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.config.grace_period_s)
         await self.pool.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
-            self._metrics_http.server_close()
         logger.info("router stopped")
 
     async def _set_health(self, any_serving: bool) -> None:
+        if self._health_state != "DRAINING":
+            self._health_state = "SERVING" if any_serving else "NO_BACKEND_SERVING"
         status = (health_pb2.HealthCheckResponse.SERVING if any_serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for service in ("", SERVICE_NAME):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -427,6 +428,16 @@ def test_other_methods_reflection_and_metrics(cluster):
                  f"jaxserve_router_backend_failures_total{label} 0.0",
                  f"jaxserve_router_backend_serving{label} 1.0"):
         assert line in metrics, metrics
+    health_url = f"http://127.0.0.1:{router.metrics_port}/health"
+    assert urllib.request.urlopen(health_url, timeout=10).read() == b"SERVING\n"
+    with pytest.raises(urllib.error.HTTPError) as http_error:  # /metrics and /health only
+        urllib.request.urlopen(f"http://127.0.0.1:{router.metrics_port}/nope", timeout=10)
+    assert http_error.value.code == 404
+    garbage = grpc.insecure_channel(f"127.0.0.1:{router.port}").unary_unary(
+        f"/{SERVICE_NAME}/Complete")
+    with pytest.raises(grpc.RpcError) as error:  # bytes that do not parse: not UNKNOWN
+        garbage(b"\xff\xff\xff", timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_entry_point_routes_then_stops_on_sigterm(cluster):
