@@ -303,6 +303,9 @@ class EngineConfig:
                 f"EngineConfig.num_kv_blocks ({self.num_kv_blocks}) x block_size "
                 f"({self.block_size}) = {self.num_kv_blocks * self.block_size} tokens is less than "
                 f"max_model_len ({max_model_len}): one full-length sequence would not fit")
+        if self.speculative_method == "draft" and jax.process_count() > 1:
+            raise ValueError("EngineConfig.speculative_method 'draft' runs in one process only; "
+                             "use 'ngram' for multi-host runs")
         validate_mesh(MeshShape.of(self), num_devices=jax.device_count(),
                       num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
                       vocab_size=model.vocab_size, hidden_size=model.hidden_size,

@@ -190,8 +190,11 @@ class ModelRunner:
         self.last_tokens = jax.device_put(np.zeros(n, np.int32), repl)
         # Every token bucket splits evenly over the token shards (data x sequence).
         token_shards = axis_size(self.mesh, TOKEN_AXES)
-        self.token_buckets = sorted({round_up(t, token_shards)
-                                     for t in bucket_sizes(16, config.max_num_batched_tokens)})
+        token_sizes = set(bucket_sizes(16, config.max_num_batched_tokens))
+        if config.speculative_method != "none":
+            # A few sequences verifying k + 1 tokens each: 8 and 32 too, not 16 or 64 for 5.
+            token_sizes |= set(bucket_sizes(8, config.max_num_batched_tokens))
+        self.token_buckets = sorted({round_up(t, token_shards) for t in token_sizes})
         # Speculating sequences sample k + 1 rows each: never more rows than tokens (and the
         # buckets do not depend on k).
         max_rows = config.max_num_seqs

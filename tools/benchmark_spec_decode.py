@@ -9,6 +9,9 @@ of n-gram speculation for k = 2, 4, 6 against none, at batch 1 and 8, on two wor
     python -m tools.benchmark_spec_decode --model=smollm2 --out_dir=/tmp/spec \
         --ks=0,2,4,6 --batch_sizes=1,8 --output_len=128
 
+--methods=ngram,draft adds the draft model (--speculative_model, or the target drafting for
+itself: the machinery's overhead at full acceptance).
+
 Greedy decoding, the model's chat template. One engine per k (0: speculative_method "none"),
 other engine flags as given (jaxserve.flags). Each (workload, batch) runs once to warm up
 (compiling its shapes), then once timed. Writes one JSON per k and a summary.json under
@@ -29,6 +32,8 @@ from jaxserve.flags import FLAGS, engine_config_from_flags
 from jaxserve.spec_decode import spec_decode_stats
 
 flags.DEFINE_list("ks", ["0", "2", "4", "6"], "Speculative tokens per step; 0: no speculation.")
+flags.DEFINE_list("methods", ["ngram"], "Speculative methods to run for each k > 0: ngram, "
+                  "draft (the draft model is --speculative_model; the target itself when unset).")
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Concurrent requests per run.")
 flags.DEFINE_list("workloads", ["copy", "chat"], "copy, chat.")
 flags.DEFINE_integer("output_len", 128, "Most tokens generated per request.")
@@ -96,21 +101,24 @@ def main(argv):
     summary = []
     if FLAGS.out_dir:
         os.makedirs(FLAGS.out_dir, exist_ok=True)
-    for k in map(int, FLAGS.ks):
-        fields = dict(speculative_method="ngram", num_speculative_tokens=k) if k else dict(
-            speculative_method="none")
+    runs = [("none", 0)] if 0 in map(int, FLAGS.ks) else []
+    runs += [(m, k) for m in FLAGS.methods for k in map(int, FLAGS.ks) if k]
+    for method, k in runs:
+        fields = dict(speculative_method=method, num_speculative_tokens=k or 1)
+        if method == "draft":
+            fields["speculative_model"] = base.speculative_model or FLAGS.model
         config = dataclasses.replace(base, **fields)
         engine = Engine(FLAGS.model, config, precompile=False, progress=False)
         results = []
         for workload in FLAGS.workloads:
             for batch in map(int, FLAGS.batch_sizes):
                 run(engine, workload, batch, FLAGS.output_len)  # warm-up: compiles
-                r = dict(k=k, **run(engine, workload, batch, FLAGS.output_len))
+                r = dict(method=method, k=k, **run(engine, workload, batch, FLAGS.output_len))
                 print(json.dumps(r), flush=True)
                 results.append(r)
         summary += results
         if FLAGS.out_dir:
-            with open(os.path.join(FLAGS.out_dir, f"spec_k{k}.json"), "w") as f:
+            with open(os.path.join(FLAGS.out_dir, f"spec_{method}_k{k}.json"), "w") as f:
                 json.dump({"config": dataclasses.asdict(config), "results": results}, f, indent=2)
         del engine
     none = {(r["workload"], r["batch"]): r["output_tokens_per_s"] for r in summary if not r["k"]}
@@ -124,7 +132,7 @@ def main(argv):
         with open(os.path.join(FLAGS.out_dir, "summary.json"), "w") as f:
             json.dump(report, f, indent=2)
     for r in summary:
-        print(f"{r['workload']:5s} batch {r['batch']:2d} k {r['k']}: "
+        print(f"{r['workload']:5s} batch {r['batch']:2d} {r['method']:5s} k {r['k']}: "
               f"{r['output_tokens_per_s']:8.1f} tok/s  x{r.get('speedup', 1):.2f}  "
               f"acceptance {r.get('acceptance_rate', '-')}  "
               f"mean accepted length {r.get('mean_accepted_length', '-')}")

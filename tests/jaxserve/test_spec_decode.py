@@ -217,3 +217,17 @@ def test_an_always_wrong_draft_accepts_nothing_and_keeps_the_output(tiny, wrong_
     assert_idle(wrong_draft)
     draft = wrong_draft.proposer
     assert draft.kv_cache.num_free_blocks == draft.kv_cache.num_blocks
+
+
+def test_prometheus_reports_acceptance_rate_and_mean_accepted_length():
+    from prometheus_client import generate_latest
+    from jaxserve.engine import EngineStats
+    from server.metrics import ServerMetrics
+    stats = EngineStats(num_waiting=0, num_running=0, num_free_blocks=1, num_kv_blocks=1,
+                        kv_cache_usage=0.0, prefix_cache_hit_rate=0.0, num_preemptions=0,
+                        num_generated_tokens=0, num_prompt_tokens_computed=0,
+                        num_draft_tokens=40, num_accepted_tokens=30, num_spec_steps=10)
+    text = generate_latest(ServerMetrics(lambda: stats, lambda: 0).registry).decode()
+    assert "jaxserve_spec_decode_acceptance_rate 0.75" in text
+    assert "jaxserve_spec_decode_mean_accepted_length 4.0" in text
+    assert "jaxserve_spec_decode_draft_tokens_total 40.0" in text
