@@ -13,9 +13,10 @@ of n-gram speculation for k = 2, 4, 6 against none, at batch 1 and 8, on two wor
 itself: the machinery's overhead at full acceptance).
 
 Greedy decoding, the model's chat template. One engine per k (0: speculative_method "none"),
-other engine flags as given (jaxserve.flags). Each (workload, batch) runs once to warm up
-(compiling its shapes), then once timed. Writes one JSON per k and a summary.json under
---out_dir, and prints one line per run.
+all loaded at once (each with KV blocks for max_num_seqs x max_model_len unless
+--num_kv_blocks), other engine flags as given (jaxserve.flags). Each (workload, batch) runs once
+per engine to warm up (compiling its shapes), then --repeats times, the engines interleaved; the
+median run is kept. Writes summary.json under --out_dir and prints one line per result.
 """
 
 import dataclasses
@@ -37,6 +38,7 @@ flags.DEFINE_list("methods", ["ngram"], "Speculative methods to run for each k >
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Concurrent requests per run.")
 flags.DEFINE_list("workloads", ["copy", "chat"], "copy, chat.")
 flags.DEFINE_integer("output_len", 128, "Most tokens generated per request.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per engine and setting (the median is kept).")
 flags.DEFINE_string("out_dir", None, "Write the results here (JSON).")
 
 PASSAGE = (
@@ -95,42 +97,57 @@ def run(engine: Engine, workload: str, batch: int, output_len: int) -> dict:
     return result
 
 
-def main(argv):
-    del argv
-    base = engine_config_from_flags()
-    summary = []
-    if FLAGS.out_dir:
-        os.makedirs(FLAGS.out_dir, exist_ok=True)
-    runs = [("none", 0)] if 0 in map(int, FLAGS.ks) else []
-    runs += [(m, k) for m in FLAGS.methods for k in map(int, FLAGS.ks) if k]
-    for method, k in runs:
-        fields = dict(speculative_method=method, num_speculative_tokens=k or 1)
-        if method == "draft":
-            fields["speculative_model"] = base.speculative_model or FLAGS.model
-        config = dataclasses.replace(base, **fields)
-        engine = Engine(FLAGS.model, config, precompile=False, progress=False)
-        results = []
-        for workload in FLAGS.workloads:
-            for batch in map(int, FLAGS.batch_sizes):
-                run(engine, workload, batch, FLAGS.output_len)  # warm-up: compiles
-                r = dict(method=method, k=k, **run(engine, workload, batch, FLAGS.output_len))
-                print(json.dumps(r), flush=True)
-                results.append(r)
-        summary += results
-        if FLAGS.out_dir:
-            with open(os.path.join(FLAGS.out_dir, f"spec_{method}_k{k}.json"), "w") as f:
-                json.dump({"config": dataclasses.asdict(config), "results": results}, f, indent=2)
-        del engine
+def write_report(base, summary: list[dict]) -> None:
+    """Speed-ups against no speculation, then summary.json (rewritten after every setting, so a
+    run cut short keeps what it measured)."""
     none = {(r["workload"], r["batch"]): r["output_tokens_per_s"] for r in summary if not r["k"]}
     for r in summary:
         if (r["workload"], r["batch"]) in none:
             r["speedup"] = round(r["output_tokens_per_s"] / none[(r["workload"], r["batch"])], 3)
     report = {"device": str(jax.devices()[0].device_kind), "model": FLAGS.model,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "output_len": FLAGS.output_len, "results": summary}
+              "output_len": FLAGS.output_len, "config": dataclasses.asdict(base),
+              "results": summary}
     if FLAGS.out_dir:
         with open(os.path.join(FLAGS.out_dir, "summary.json"), "w") as f:
             json.dump(report, f, indent=2)
+
+
+def main(argv):
+    del argv
+    base = engine_config_from_flags()
+    if base.num_kv_blocks is None:  # several engines share the device: each its own share
+        max_len = base.max_model_len or 2048
+        base = dataclasses.replace(base, max_model_len=max_len, num_kv_blocks=base.max_num_seqs
+                                   * -(-max_len // base.block_size))
+    if FLAGS.out_dir:
+        os.makedirs(FLAGS.out_dir, exist_ok=True)
+    runs = [("none", 0)] if 0 in map(int, FLAGS.ks) else []
+    runs += [(m, k) for m in FLAGS.methods for k in map(int, FLAGS.ks) if k]
+    engines = {}
+    for method, k in runs:
+        fields = dict(speculative_method=method, num_speculative_tokens=k or 1)
+        if method == "draft":
+            fields["speculative_model"] = base.speculative_model or FLAGS.model
+        engines[method, k] = Engine(FLAGS.model, dataclasses.replace(base, **fields),
+                                    precompile=False, progress=False)
+    summary = []
+    for workload in FLAGS.workloads:
+        for batch in map(int, FLAGS.batch_sizes):
+            for engine in engines.values():
+                run(engine, workload, batch, FLAGS.output_len)  # warm-up: compiles
+            # Interleaved repeats, the median kept: a busy machine slows every engine alike.
+            timed = {key: [] for key in engines}
+            for _ in range(FLAGS.repeats):
+                for key, engine in engines.items():
+                    timed[key].append(run(engine, workload, batch, FLAGS.output_len))
+            for (method, k), rs in timed.items():
+                r = dict(sorted(rs, key=lambda x: x["output_tokens_per_s"])[len(rs) // 2])
+                r.update(method=method, k=k, repeats=len(rs),
+                         output_tokens_per_s_all=[x["output_tokens_per_s"] for x in rs])
+                print(json.dumps(r), flush=True)
+                summary.append(r)
+                write_report(base, summary)
     for r in summary:
         print(f"{r['workload']:5s} batch {r['batch']:2d} {r['method']:5s} k {r['k']}: "
               f"{r['output_tokens_per_s']:8.1f} tok/s  x{r.get('speedup', 1):.2f}  "
