@@ -142,6 +142,9 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             # Sizes first, then tokenizing and every check of the ids, all on a worker thread.
             prompt_ids = await self._off_loop(self.engine_loop.engine.check_request, prompt, params)
             if unary:
+                if self._text_bytes_per_token is None:  # once: a walk over the vocabulary
+                    self._text_bytes_per_token = await self._off_loop(
+                        reply_size.text_bytes_per_token, self.engine_loop.engine.tokenizer)
                 self._check_reply_size(len(prompt_ids), params)
             return await self.engine_loop.add_request(
                 prompt_ids, params, priority=request.priority, client_id=request.client_id)
@@ -178,8 +181,6 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
     def _check_reply_size(self, num_prompt_tokens: int, params) -> None:
         """Raises StatusError (INVALID_ARGUMENT) when a Complete reply could exceed the limit."""
         engine = self.engine_loop.engine
-        if self._text_bytes_per_token is None:
-            self._text_bytes_per_token = reply_size.text_bytes_per_token(engine.tokenizer)
         bound = reply_size.complete_reply_bound(
             params, engine.config.max_model_len - num_prompt_tokens, self._text_bytes_per_token)
         if bound > self.config.max_message_bytes:
