@@ -95,7 +95,8 @@ def build_app(core, config: ServerConfig) -> FastAPI:
         e = engine()
         return {"object": "list", "data": [{
             "id": model_name(), "object": "model", "created": created, "owned_by": "jaxserve",
-            "root": e.model_path, "parent": None, "max_model_len": e.config.max_model_len}]}
+            "root": e.model_path, "parent": None, "max_model_len": e.config.max_model_len,
+            "vocab_size": e.model_config.vocab_size}]}  # (beyond vLLM's card: for load tools)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

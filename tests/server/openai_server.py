@@ -4,6 +4,8 @@ event loop, as `python -m server --http_port` runs them."""
 
 import time
 
+import httpx
+
 from jaxserve import Engine, EngineConfig
 from server.config import ServerConfig
 from server.openai.http_server import HttpServer
@@ -43,3 +45,12 @@ class HttpServerThread:
     def close(self) -> None:
         self.grpc.run(self.http.stop())
         self.grpc.close()
+
+
+def post(url: str, **kwargs) -> httpx.Response:
+    """httpx.post with a timeout for a call that may compile a step shape on a busy CPU."""
+    return httpx.post(url, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+
+def get(url: str, **kwargs) -> httpx.Response:
+    return httpx.get(url, timeout=kwargs.pop("timeout", 60), **kwargs)

@@ -5,6 +5,10 @@ prompt lists, logprobs in both shapes, stop strings, seeds; /v1/models, /tokeniz
 
 import asyncio
 import json
+import math
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -13,11 +17,13 @@ import pytest
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.chat_template import encode_chat
+from jaxserve.sim.workload import WorkloadSpec, generate_workload
 from tests.jaxserve.test_llm_chat import CONVERSATION, builtin_with_chat_template
 from tests.server.conftest import ENGINE_LIMITS
-from tests.server.openai_server import HttpServerThread, templated_engine_factory
+from tests.server.openai_server import HttpServerThread, get, post, templated_engine_factory
 
 PROMPT = "The quick brown fox"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -174,19 +180,19 @@ def test_seed_reproduces_text_and_stop_strings_end_it(api, client):
 
 
 def test_models_tokenize_detokenize_and_metrics(api, model_dir):
-    models = httpx.get(api.base_url + "/v1/models").json()
+    models = get(api.base_url + "/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
     assert models["data"][0]["max_model_len"] == ENGINE_LIMITS["max_model_len"]
     tokenizer = api.engine.tokenizer
-    tokens = httpx.post(api.base_url + "/tokenize",
+    tokens = post(api.base_url + "/tokenize",
                         json={"prompt": "héllo", "return_token_strs": True}).json()
     assert tokens["tokens"] == tokenizer.encode("héllo") and tokens["count"] == 7
     assert tokens["token_strs"][0] == "<bos>"
-    chat = httpx.post(api.base_url + "/tokenize", json={"messages": CONVERSATION}).json()
+    chat = post(api.base_url + "/tokenize", json={"messages": CONVERSATION}).json()
     assert chat["tokens"] == encode_chat(tokenizer, CONVERSATION)[1]
-    text = httpx.post(api.base_url + "/detokenize", json={"tokens": tokens["tokens"]}).json()
+    text = post(api.base_url + "/detokenize", json={"tokens": tokens["tokens"]}).json()
     assert text == {"prompt": "héllo"}
-    metrics = httpx.get(api.base_url + "/metrics").text
+    metrics = get(api.base_url + "/metrics").text
     assert 'jaxserve_http_requests_total{path="/tokenize",status="200"} 2.0' in metrics
     assert "jaxserve_time_to_first_token_seconds_count" in metrics
 
@@ -228,7 +234,7 @@ def _error(response: httpx.Response, status: int, param=None) -> dict:
     ("/detokenize", {"tokens": [5, 1000]}, "tokens", "vocabulary"),
 ])
 def test_bad_requests_are_400_naming_the_field(api, path, body, param, says):
-    error = _error(httpx.post(api.base_url + path, json=body), 400)
+    error = _error(post(api.base_url + path, json=body), 400)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param or error["param"].startswith(param + "."), error
     if says is not None:
@@ -238,15 +244,15 @@ def test_bad_requests_are_400_naming_the_field(api, path, body, param, says):
 
 
 def test_other_errors_have_their_codes(api, client):
-    assert _error(httpx.post(api.base_url + "/v1/completions", content=b"{not json"),
+    assert _error(post(api.base_url + "/v1/completions", content=b"{not json"),
                   400)["message"].startswith("the request body is not valid JSON")
-    assert "JSON object" in _error(httpx.post(api.base_url + "/v1/completions", json=[1]),
+    assert "JSON object" in _error(post(api.base_url + "/v1/completions", json=[1]),
                                    400)["message"]
-    error = _error(httpx.post(api.base_url + "/v1/completions",
+    error = _error(post(api.base_url + "/v1/completions",
                               json={"model": "gpt-4", "prompt": "x"}), 404, "model")
     assert error["code"] == "model_not_found" and "`gpt-4`" in error["message"]
-    _error(httpx.get(api.base_url + "/v1/nothing"), 404)
-    _error(httpx.get(api.base_url + "/v1/completions"), 405)
+    _error(get(api.base_url + "/v1/nothing"), 404)
+    _error(get(api.base_url + "/v1/completions"), 405)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError) as bad:
@@ -272,13 +278,13 @@ def test_auth_body_limit_and_a_full_queue(model_dir):
         url = server.base_url + "/v1/completions"
         ok = {"Authorization": "Bearer sesame"}
         body = {"prompt": "x", "max_tokens": 2}
-        assert _error(httpx.post(url, json=body), 401)["code"] == "invalid_api_key"
-        _error(httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}), 401)
-        _error(httpx.get(server.base_url + "/metrics"), 401)
-        assert httpx.post(url, json=body, headers=ok).status_code == 200
-        too_big = _error(httpx.post(url, json={"prompt": "x" * 2000}, headers=ok), 413)
+        assert _error(post(url, json=body), 401)["code"] == "invalid_api_key"
+        _error(post(url, json=body, headers={"Authorization": "Bearer nope"}), 401)
+        _error(get(server.base_url + "/metrics"), 401)
+        assert post(url, json=body, headers=ok).status_code == 200
+        too_big = _error(post(url, json={"prompt": "x" * 2000}, headers=ok), 413)
         assert "1024" in too_big["message"]
-        chunked = httpx.post(url, headers=ok, content=iter([b'{"prompt": "', b"x" * 2000, b'"}']))
+        chunked = post(url, headers=ok, content=iter([b'{"prompt": "', b"x" * 2000, b'"}']))
         _error(chunked, 413)
         # One request in flight fills max_pending=1: the next gets 429 and Retry-After.
         with httpx.stream("POST", url, headers=ok, timeout=30,
@@ -286,14 +292,14 @@ def test_auth_body_limit_and_a_full_queue(model_dir):
                                 "stream": True}) as stream:
             lines = stream.iter_lines()  # (kept: a dropped iterator closes the stream)
             next(lines)
-            full = httpx.post(url, json=body, headers=ok)
+            full = post(url, json=body, headers=ok)
             _error(full, 429)
             assert int(full.headers["Retry-After"]) >= 1
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sesame", max_retries=0)
         assert server.wait_idle()
         assert client.completions.create(model=server.engine.model_path, prompt="x",
                                          max_tokens=2).usage.completion_tokens == 2
-        metrics = httpx.get(server.base_url + "/metrics", headers=ok).text
+        metrics = get(server.base_url + "/metrics", headers=ok).text
         assert 'jaxserve_unauthenticated_calls_total{endpoint="http"} 3.0' in metrics
     finally:
         server.close()
@@ -307,3 +313,24 @@ def test_streams_are_server_sent_events(api):
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     assert json.loads(lines[0][6:])["choices"][0]["delta"] == {"role": "assistant",
                                                                 "content": ""}
+
+
+def test_benchmark_serving_drives_the_http_api(api, tmp_path):
+    """tools/benchmark_serving --backend=openai: every request completes with exactly its
+    output tokens, counted from the stream's usage, and the record lands in --out_dir."""
+    lengths = ["--num_requests=6", "--request_rate=inf", "--prompt_len_median=8",
+               "--max_prompt_len=32", "--output_len_median=8", "--max_output_len=32"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.benchmark_serving", "--backend=openai",
+         f"--base_url={api.base_url}/v1", f"--out_dir={tmp_path}", "--out_png=", *lengths],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "requests completed / failed     6 / 0" in result.stdout, result.stdout
+    (record,) = tmp_path.glob("serving-openai-*.json")
+    run = json.loads(record.read_text())
+    assert run["model"]["served_model"] == "tiny"
+    spec = dict(num_requests=6, rate=math.inf, prompt_len_median=8.0, max_prompt_len=32,
+                output_len_median=8.0, max_output_len=32, vocab_size=api.engine.model_config.vocab_size)
+    expected = [r.output_len for r in generate_workload(WorkloadSpec(**spec))]
+    assert [r["output_tokens"] for r in run["requests"]] == expected

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import ENGINE_LIMITS, tiny_engine
-from tests.server.openai_server import HttpServerThread
+from tests.server.openai_server import HttpServerThread, get, post
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LONG = 240  # tokens: with 5 ms steps, over a second; the tests act well within it
@@ -61,12 +61,12 @@ def test_health_follows_loading_serving_and_draining():
 
     server = HttpServerThread(gated_engine, load=False, grace_period_s=60)
     try:
-        health = lambda: httpx.get(server.base_url + "/health")
+        health = lambda: get(server.base_url + "/health")
         assert (health().status_code, health().text.strip()) == (503, "LOADING")
-        refused = httpx.post(server.base_url + "/v1/completions", json={"prompt": "x"})
+        refused = post(server.base_url + "/v1/completions", json={"prompt": "x"})
         assert refused.status_code == 503 and "loading" in refused.json()["error"]["message"]
         assert refused.headers["Retry-After"] == "1"
-        assert httpx.get(server.base_url + "/v1/models").status_code == 503
+        assert get(server.base_url + "/v1/models").status_code == 503
         loaded = server.grpc.submit(server.grpc.server.load())
         gate.set()
         loaded.result(60)
@@ -78,7 +78,7 @@ def test_health_follows_loading_serving_and_draining():
             drained = server.grpc.submit(server.grpc.server.drain())
             assert server.wait_for(lambda: health().status_code == 503)
             assert health().text.strip() == "DRAINING"
-            late = httpx.post(server.base_url + "/v1/completions", json={"prompt": "late"})
+            late = post(server.base_url + "/v1/completions", json={"prompt": "late"})
             assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
             for future in streams:  # running streams finish whole
                 result = future.result(60)
@@ -115,7 +115,7 @@ def test_disconnect_during_a_unary_call_aborts_it(slow_server):
     engine = slow_server.engine
     before = engine.num_generated_tokens
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(slow_server.base_url + "/v1/completions", timeout=0.3, json={
+        post(slow_server.base_url + "/v1/completions", timeout=0.3, json={
             "prompt": "x", "max_tokens": LONG, "ignore_eos": True})
     assert slow_server.wait_idle()
     assert engine.num_generated_tokens - before < LONG  # aborted, not finished
@@ -143,13 +143,13 @@ def test_sigterm_lets_http_streams_finish_then_exits():
     try:
         base_url = f"http://127.0.0.1:{port.result(60)}"
         deadline = time.monotonic() + 60
-        while httpx.get(base_url + "/health").status_code != 200:
+        while get(base_url + "/health").status_code != 200:
             assert time.monotonic() < deadline, "".join(log)
             time.sleep(0.1)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             streams = [pool.submit(stream_completion, base_url, 200, f"s{i}") for i in range(4)]
             deadline = time.monotonic() + 30  # all four admitted, then the signal
-            while "jaxserve_requests_in_flight 4.0" not in httpx.get(base_url + "/metrics").text:
+            while "jaxserve_requests_in_flight 4.0" not in get(base_url + "/metrics").text:
                 assert time.monotonic() < deadline, "".join(log)
             process.send_signal(signal.SIGTERM)
             results = [f.result(60) for f in streams]
