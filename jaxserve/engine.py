@@ -40,12 +40,13 @@ from jaxserve.output_processor import RequestState, append_token, make_output, r
 from jaxserve.outputs import RequestOutput
 from jaxserve.request import Sequence, SequenceStatus
 from jaxserve.request_limits import check_prompt_size, check_prompt_tokens
-from jaxserve.runner import ModelRunner, SampledSeq, StepHandle
+from jaxserve.runner import ModelRunner
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
 from jaxserve.scheduling_policy import make_policy
 from jaxserve.spec_decode import NgramProposer, SpecState
 from jaxserve.spec_draft import DraftProposer
+from jaxserve.step_results import SampledSeq, StepHandle
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from sharding.mesh import MeshShape, make_mesh
 
@@ -412,7 +413,12 @@ class Engine:
                 ready.append(seq)
             else:
                 spec.proposals = []
-        self.proposer.propose_batch(ready, self.scheduler.running)
+        try:
+            self.proposer.propose_batch(ready, self.scheduler.running)
+        except Exception:  # a failed draft costs this step its proposals, nothing else
+            logger.exception("proposing failed; %d sequences run this step without", len(ready))
+            for seq in ready:
+                seq.spec.proposals = []
 
     def _read_in_flight_if_idle(self) -> None:
         """With no request left, nothing overlaps the step in flight: read it now (its tokens

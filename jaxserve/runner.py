@@ -23,7 +23,6 @@ call it makes (`_call`); the others run `follow()` and make the same calls in lo
 """
 
 import collections
-import dataclasses
 import functools
 import logging
 import math
@@ -39,9 +38,8 @@ from tqdm.auto import tqdm
 from jaxserve.attention import resolve_backend
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.input_batch import InputBatch
-from jaxserve.request import Sequence
 from jaxserve.sampler import SamplerMode
-from jaxserve.spec_decode import accepted_prefix
+from jaxserve.step_results import SampledSeq, StepBatch, StepHandle
 from jaxserve.scheduler import ScheduledSeq, SchedulerOutput
 from jaxserve.step_fn import copy_all, forward_fn, sample_fn, update_tables
 from jaxserve.step_inputs import build_sampling, build_step
@@ -56,44 +54,6 @@ _KINDS = ("forward", "ring", "decode")  # the compiled forward functions
 # Device calls, by their code in a multi-host header: (op, a, b, c).
 _OP_TABLE, _OP_COPY, _OP_FORWARD, _OP_SAMPLE = 1, 2, 3, 4
 _HEADER_LEN = 4
-
-
-@dataclasses.dataclass
-class SampledSeq:
-    """What one step gave a sampled sequence: one token, or (speculating) the accepted
-    proposals and the token after them, in order; logprobs and tops per token."""
-    seq: Sequence
-    tokens: list[int]
-    logprobs: list[float | None]
-    tops: list[list[tuple[int, float]]]
-    num_draft: int = 0  # proposals verified (0: the sequence did not speculate)
-
-    @property
-    def num_accepted(self) -> int:
-        return len(self.tokens) - 1 if self.num_draft else 0
-
-
-@dataclasses.dataclass
-class StepBatch:
-    """One dispatched batch: its sampled rows (StepArrays' rows, offsets, drafts) and device
-    results."""
-    rows: list[Sequence]
-    drafts: list[int]  # per row: the proposal it verifies, -1 for none
-    first: list[bool]  # per row: the first row of its sequence
-    result: object  # SamplerOutput
-    load: object  # expert load or None
-
-
-@dataclasses.dataclass
-class StepHandle:
-    """A dispatched step: its batches and how long building and dispatching them took."""
-    batches: list[StepBatch]
-    dispatch_s: float  # host time spent building and dispatching it
-
-    @property
-    def rows(self) -> list[Sequence]:
-        """The sampled sequences, each once."""
-        return [seq for b in self.batches for seq, first in zip(b.rows, b.first) if first]
 
 
 def bucket_sizes(lo: int, hi: int, coarse_below: int = 256) -> list[int]:
@@ -398,26 +358,7 @@ class ModelRunner:
         speculating one's cut at its first rejected proposal (jaxserve/spec_decode.py)."""
         out, loads = [], []
         for batch in handle.batches:
-            result = _to_host(batch.result)
-            tokens = result.tokens.tolist()
-            lps = result.logprobs.tolist() if result.logprobs is not None else None
-            num_rows = len(batch.rows)
-            r = 0
-            while r < num_rows:
-                seq = batch.rows[r]
-                end = r + 1
-                while end < num_rows and not batch.first[end]:
-                    end += 1
-                drafts = batch.drafts[r:end - 1]
-                keep = accepted_prefix(tokens[r:end], drafts) + 1
-                n = seq.params.logprobs
-                tops = [list(zip(result.top_ids[i, :n].tolist(),
-                                 result.top_logprobs[i, :n].tolist())) if n else []
-                        for i in range(r, r + keep)]
-                out.append(SampledSeq(seq, tokens[r:r + keep],
-                                      lps[r:r + keep] if lps is not None else [None] * keep,
-                                      tops, num_draft=len(drafts)))
-                r = end
+            out += batch.read(_to_host(batch.result))
             if batch.load is not None:
                 loads.append(np.asarray(_to_host(batch.load), np.int64))
         if loads:
