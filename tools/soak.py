@@ -12,12 +12,14 @@ passed. Each call is one of:
     deadline   a call with a deadline of 5-100 ms                                 DEADLINE_EXCEEDED / OK
     stop_bomb  64 stop strings of ~1,000 characters; or 65; or one of 1,000,000   OK / INVALID_ARGUMENT
     huge       a 15 MiB text prompt (Complete or Tokenize)                        INVALID_ARGUMENT
-    garbage    random bytes to a random method                                    INVALID_ARGUMENT
+    garbage    random bytes to a random method                       INVALID_ARGUMENT (or parsed)
 
 in the shares the flags give (normal takes the rest). A call with no short deadline that is
 still open after --hang_s is a hang. After the run it waits for the server to go idle and
 reads its leaks: KV blocks free (GetModelInfo's total against /metrics), swap slots, requests in
-flight, and the server process's RSS, threads and open fds against a warmed-up baseline. Then
+flight, and the server process's RSS, threads and open fds against a warmed-up baseline. RSS is
+sampled through the run: a leak is growth over its second half (allocator high-water marks
+plateau in the first), past --rss_growth_mb. Then
 SIGTERM, and the exit code. Prints a table; writes everything as JSON to --json_out (outside the
 repository by default). Exit code 1 when anything was unexpected, hung or leaked.
 """
@@ -56,13 +58,16 @@ flags.DEFINE_float("deadline_share", 0.12, "Share of calls with a 5-100 ms deadl
 flags.DEFINE_float("hostile_share", 0.06, "Share of each hostile kind (stop_bomb, huge, garbage).")
 flags.DEFINE_float("hang_s", 60.0, "A call open this long is a hang.")
 flags.DEFINE_integer("seed", 0, "Seed of the mix.")
-flags.DEFINE_float("rss_growth_mb", 200.0, "RSS growth above the baseline that counts as a leak.")
+flags.DEFINE_float("rss_growth_mb", 100.0, "RSS growth over the second half of the run that "
+                   "counts as a leak.")
 flags.DEFINE_string("json_out", "/tmp/jaxserve-soak.json", "Where the JSON report goes.")
 FLAGS = flags.FLAGS
 
 EXPECTED = {"normal": {"OK"}, "cancel": {"CANCELLED", "OK"},
             "deadline": {"DEADLINE_EXCEEDED", "OK"}, "stop_bomb": {"OK", "INVALID_ARGUMENT"},
-            "huge": {"INVALID_ARGUMENT"}, "garbage": {"INVALID_ARGUMENT"}}
+            "huge": {"INVALID_ARGUMENT"},
+            # (random bytes now and then parse as a request, with whatever that request gets)
+            "garbage": {"INVALID_ARGUMENT", "OK", "OUT_OF_RANGE", "FAILED_PRECONDITION"}}
 _METHODS = ("Generate", "Complete", "Chat", "Tokenize", "Detokenize", "GetModelInfo")
 _STREAMED = {"Generate", "Chat"}
 _HUGE = "x" * (15 << 20)
@@ -168,6 +173,25 @@ def one_call(stub, channel, kind: str, rng: random.Random) -> Call:
     return Call(kind, status, seconds, hang)
 
 
+class RssSampler:
+    """The server's RSS in MB every few seconds, on a thread, while the mix runs."""
+
+    def __init__(self, server: Server, every_s: float = 2.0):
+        self.samples: list[float] = []
+        self._server, self._every_s, self._done = server, every_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._done.wait(self._every_s):
+            self.samples.append(self._server.resources()["rss_mb"])
+
+    def stop(self) -> list[float]:
+        self._done.set()
+        self._thread.join()
+        return self.samples
+
+
 def run_mix(target: str) -> list[Call]:
     kinds = ["cancel", "deadline", "stop_bomb", "huge", "garbage"]
     weights = [FLAGS.cancel_share, FLAGS.deadline_share] + [FLAGS.hostile_share] * 3
@@ -237,7 +261,9 @@ def print_table(report: dict) -> None:
     print(f"normal call latency s: {report['normal_latency_s']}; phases s: {report['phases_s']}")
     print(f"KV blocks free {leaks['kv_blocks_free']}/{leaks['kv_blocks']}, swap slots free "
           f"{leaks['swap_slots_free']}, in flight {leaks['in_flight']}; RSS "
-          f"{leaks['rss_mb'][0]:.0f} -> {leaks['rss_mb'][1]:.0f} MB, threads "
+          f"{leaks['rss_mb'][0]:.0f} -> {leaks['rss_mb'][1]:.0f} MB (through the run "
+          f"{leaks['rss_mb_quartiles']}; second half {leaks['rss_mb_second_half_growth']:+.0f}), "
+          f"threads "
           f"{leaks['threads'][0]} -> {leaks['threads'][1]}, fds {leaks['fds'][0]} -> "
           f"{leaks['fds'][1]}: {'LEAK' if leaks['leaked'] else 'no leak'}")
 
@@ -265,7 +291,9 @@ def main(argv: list[str]) -> None:
                     max_tokens=FLAGS.max_tokens, ignore_eos=True)), timeout=300))
         baseline = server.resources()
         phases = {"start_and_warm_up": time.monotonic() - started}
+        sampler = RssSampler(server)
         calls = run_mix(server.target)
+        rss = sampler.stop()
         phases["mix"] = time.monotonic() - started - phases["start_and_warm_up"]
         metrics = wait_idle(server)
         after = server.resources()
@@ -279,8 +307,12 @@ def main(argv: list[str]) -> None:
              "swap_slots_free": metrics.get("jaxserve_num_free_swap_slots"),
              "in_flight": metrics.get("jaxserve_requests_in_flight"),
              **{k: [round(baseline[k], 1), round(after[k], 1)] for k in baseline}}
+    rss = rss or [baseline["rss_mb"]]
+    leaks["rss_mb_quartiles"] = [round(rss[min(len(rss) - 1, q * len(rss) // 4)])
+                                 for q in range(4)] + [round(after["rss_mb"])]
+    leaks["rss_mb_second_half_growth"] = round(after["rss_mb"] - rss[len(rss) // 2], 1)
     leaks["leaked"] = bool(free != total or leaks["in_flight"] != 0
-                           or after["rss_mb"] - baseline["rss_mb"] > FLAGS.rss_growth_mb
+                           or leaks["rss_mb_second_half_growth"] > FLAGS.rss_growth_mb
                            or after["threads"] > baseline["threads"] + 4
                            or after["fds"] > baseline["fds"] + 16)
     report = summarize(calls, leaks, exit_code, time.monotonic() - started)
