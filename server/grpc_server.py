@@ -66,7 +66,8 @@ class GrpcServer:
     def unfinished_threads(self) -> list[str]:
         """After stop(): the names of this server's threads still running (the model's load,
         which cannot be interrupted inside XLA, or an engine loop whose step never returned)."""
-        busy = [self._load_thread.name] if self._load_thread and self._load_thread.is_alive() else []
+        load = self._load_thread
+        busy = [load.name] if load is not None and load.is_alive() else []
         if self.engine_loop is not None and self.engine_loop.is_alive():
             busy.append("engine-loop")
         return busy

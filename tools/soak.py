@@ -1,18 +1,18 @@
-"""Soak: a server on loopback under a hostile mix, bounded in count and time; statuses, hangs, leaks.
+"""Soak: a loopback server under a hostile mix, bounded in count and time; statuses, hangs, leaks.
 
     python -m tools.soak                                   # built-in tiny model, 300 requests
     python -m tools.soak --duration_s=300 --requests=100000 --concurrency=64
 
 It starts its own server (`python -m server` on 127.0.0.1, free ports; nothing else is reached)
 and runs --concurrency client threads until --requests calls have been made or --duration_s has
-passed. Each call is one of:
+passed. Each call is one of (expected statuses on the right):
 
-    normal     Generate (streamed) or Complete, 1..--max_tokens tokens            OK
-    cancel     a stream cancelled after a random number of messages               CANCELLED / OK
-    deadline   a call with a deadline of 5-100 ms                                 DEADLINE_EXCEEDED / OK
-    stop_bomb  64 stop strings of ~1,000 characters; or 65; or one of 1,000,000   OK / INVALID_ARGUMENT
-    huge       a 15 MiB text prompt (Complete or Tokenize)                        INVALID_ARGUMENT
-    garbage    random bytes to a random method                       INVALID_ARGUMENT (or parsed)
+    normal     Generate (streamed) or Complete, 1..--max_tokens tokens        OK
+    cancel     a stream cancelled after a random number of messages           CANCELLED, OK
+    deadline   a call with a deadline of 5-100 ms                             DEADLINE_EXCEEDED, OK
+    stop_bomb  64 stop strings of ~1,000 characters; or 65; or one of 10**6   OK, INVALID_ARGUMENT
+    huge       a 15 MiB text prompt (Complete or Tokenize)                    INVALID_ARGUMENT
+    garbage    random bytes to a random method                    INVALID_ARGUMENT (or parsed)
 
 in the shares the flags give (normal takes the rest). A call with no short deadline that is
 still open after --hang_s is a hang. After the run it waits for the server to go idle and

@@ -19,7 +19,8 @@ def test_short_soak(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tools.soak", "--requests=40", "--duration_s=6",
          "--concurrency=8", "--max_tokens=16", "--cancel_share=0.3", "--deadline_share=0.15",
-         "--hostile_share=0.1", "--rss_growth_mb=500", f"--server_args={','.join(server_args)}", f"--json_out={out}"],
+         "--hostile_share=0.1", "--rss_growth_mb=500",  # RSS: the long soak's (too short here)
+         f"--server_args={','.join(server_args)}", f"--json_out={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
