@@ -125,5 +125,8 @@ def run(main: Callable[[list[str]], int | None], command: str,
             return main(args)
         except (app.UsageError, UserError) as e:
             fail(prog, e)
+        except KeyboardInterrupt:  # Ctrl-C where the command does not handle it: no traceback
+            print(file=sys.stderr)
+            sys.exit(130)
 
     app.run(checked_main, argv=argv, flags_parser=parse)

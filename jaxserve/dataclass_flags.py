@@ -95,13 +95,12 @@ class FlagGroup:
 
 def define_flags(config_class: type, title: str, *, exclude: tuple[str, ...] = (),
                  rename: dict[str, str] | None = None,
-                 choices: dict[str, list[str]] | None = None,
-                 defaults: dict[str, object] | None = None) -> FlagGroup:
+                 choices: dict[str, list[str]] | None = None) -> FlagGroup:
     """Defines a flag for each field of config_class but `exclude`. rename: field -> flag name;
-    choices: field -> allowed strings (an enum flag); defaults: field -> a flag default other
-    than the field's. TypeError names a field whose type has no flag type (exclude it).
+    choices: field -> allowed strings (an enum flag). A command wanting another default calls
+    FLAGS.set_default. TypeError names a field whose type has no flag type (exclude it).
     The flags count as the calling module's, as if it had defined them (absl's key flags)."""
-    rename, choices, defaults = rename or {}, choices or {}, defaults or {}
+    rename, choices = rename or {}, choices or {}
     module_name = sys._getframe(1).f_globals["__name__"]
     if module_name == "__main__":  # as absl names the main module
         module_name = sys.argv[0]
@@ -113,9 +112,7 @@ def define_flags(config_class: type, title: str, *, exclude: tuple[str, ...] = (
         if field.name in exclude or not field.init:
             continue
         name = rename.get(field.name, field.name)
-        if field.name in defaults:
-            default = defaults[field.name]
-        elif field.default is not dataclasses.MISSING:
+        if field.default is not dataclasses.MISSING:
             default = field.default
         elif field.default_factory is not dataclasses.MISSING:
             default = field.default_factory()

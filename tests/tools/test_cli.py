@@ -29,7 +29,7 @@ LIMITS = ["--max_num_seqs=4", "--max_num_batched_tokens=64", "--max_model_len=12
           "--block_size=8", "--dtype=float32"]
 
 
-def jaxserve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def jaxserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -190,3 +190,30 @@ def test_access_log_line():
     line = AccessLog(True).request_done("grpc Generate", None, "CANCELLED", None, started)
     assert "request=- status=CANCELLED prompt_tokens=- cached_tokens=- output_tokens=-" in line
     assert AccessLog(False).request_done("grpc Generate", "7", "OK", output, started) is None
+
+
+def test_attribute_docs_read_grouped_names_and_continuation_lines():
+    from jaxserve.dataclass_flags import attribute_docs, name_flags
+
+    @dataclasses.dataclass(frozen=True)
+    class Toy:
+        """A toy.
+
+        Attributes:
+          a, b: the first two,
+            over two lines.
+          c: the third.
+
+        Not an attribute: this ends the section.
+        """
+        a: int = 0
+        b: int = 0
+        c: str = ""
+
+    assert attribute_docs(Toy) == {"a": "the first two, over two lines.",
+                                   "b": "the first two, over two lines.", "c": "the third."}
+    assert attribute_docs(EngineConfig)["seed"].startswith(
+        "seeds the per-request sampling seeds")
+    import jaxserve.flags  # noqa: F401  (defines the engine flags, so their names are known)
+    assert name_flags("EngineConfig.seed must be >= 0; EngineConfig.nope") == \
+        "--engine_seed must be >= 0; EngineConfig.nope"
