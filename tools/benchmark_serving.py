@@ -17,8 +17,10 @@ token ids; each request asks for exactly its output_len tokens (ignore_eos, gree
 --backend=grpc streams each request over jaxserve's gRPC API (Generate) and times chunks as they
 arrive. --backend=openai streams it from any OpenAI-compatible server (jaxserve's --http_port,
 vLLM, ...) as POST /v1/completions with token-id prompts, `stream` and
-`stream_options.include_usage`: each chunk with text is timed, and the usage's completion_tokens
-gives the token count (a chunk's text does not say how many tokens it holds). --offline runs the
+`stream_options.include_usage`: each chunk with a choice is timed as vLLM's benchmark times it
+(its text may be empty while a character's bytes are incomplete, or with no tokenizer), and the
+usage's completion_tokens gives the token count (a chunk does not say how many tokens it holds:
+the last one counts the rest). --offline runs the
 same arrivals through jaxserve.Engine in this process, timing tokens as step() returns them, so
 the difference between the modes is each front end's own cost.
 A progress bar runs on stderr; tools/serving_stats.py's table goes to stdout; the JSON record and
@@ -211,7 +213,7 @@ async def run_openai() -> tuple[list[serving_stats.RequestRecord], dict]:
                             record.error = f"stream error: {chunk['error'].get('message', '')[:80]}"
                             return
                         now = time.perf_counter()
-                        if any(c.get("text") for c in chunk.get("choices") or ()):
+                        if chunk.get("choices"):  # new tokens (the text may be held back)
                             record.add_chunk(now, 1)
                         if chunk.get("usage"):
                             completion_tokens = chunk["usage"]["completion_tokens"]

@@ -96,9 +96,7 @@ class ChatCall:
                     if new is None:
                         continue
                     text, _, entries, finishes = new
-                    if not (text or entries or finishes):  # bytes of a character yet to come
-                        continue
-                    yield sse.event(self._chunk(c.index, {"content": text} if text else {},
+                    yield sse.event(self._chunk(c.index, {"content": text},
                                                 self._logprobs(entries), c if finishes else None,
                                                 extra))
             if include_usage:

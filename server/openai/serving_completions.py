@@ -66,7 +66,7 @@ class CompletionCall:
         return self._body(choices, usage=sse.usage([finals[i] for i in sorted(finals)]))
 
     async def stream(self):
-        """Server-sent events: one chunk per choice with new text, the usage chunk if asked,
+        """Server-sent events: one chunk per choice with new tokens, the usage chunk if asked,
         then [DONE]. A failure after the first chunk is sent as an error event."""
         include_usage = bool(self.request.stream_options and self.request.stream_options.include_usage)
         deltas, logprobs, finals = sse.ChoiceDeltas(), {}, []
@@ -79,8 +79,6 @@ class CompletionCall:
                     if new is None:
                         continue
                     text, _, entries, finishes = new
-                    if not (text or entries or finishes):  # bytes of a character yet to come
-                        continue
                     formatted = None
                     if entries is not None:
                         key = (i, c.index)
