@@ -43,7 +43,8 @@ class HttpServer:
             raise OSError(e.errno, f"http_port {c.http_port} on {c.host}: {e.strerror}") from None
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(build_app(self._core, c), lifespan="off", log_config=None,
-                                access_log=False, timeout_graceful_shutdown=_STOP_GRACE_S,
+                                access_log=c.access_log,  # uvicorn's line per call
+                                timeout_graceful_shutdown=_STOP_GRACE_S,
                                 ssl_certfile=c.tls_cert, ssl_keyfile=c.tls_key)
         self._uvicorn = _Uvicorn(config)
         self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[self._socket]),

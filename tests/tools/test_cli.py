@@ -5,12 +5,15 @@ The stats and access log lines themselves are checked in-process against hand-wo
 
 import concurrent.futures
 import dataclasses
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -117,17 +120,20 @@ def test_serve_logs_stats_and_each_request_then_stops_on_sigterm():
 
     process = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "serve", f"--model={BUILTIN_MODEL}", "--port=0",
-         "--noprecompile", "--log_stats_interval_s=0.2", "--access_log", *LIMITS],
+         "--http_port=0", "--noprecompile", "--log_stats_interval_s=0.2", "--access_log",
+         *LIMITS],
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = []
     try:
-        port = None
-        while port is None:  # "gRPC jaxserve.v1.JaxServe on 127.0.0.1:PORT (...)"
+        port = http_port = None
+        while port is None or http_port is None:  # the two "... on 127.0.0.1:PORT" lines
             line = process.stdout.readline()
             assert line, "".join(log)
             log.append(line)
-            if " on 127.0.0.1:" in line and "gRPC" in line:
-                port = int(line.split(" on 127.0.0.1:")[1].split()[0])
+            if found := re.search(r"gRPC \S+ on 127\.0\.0\.1:(\d+)", line):
+                port = int(found[1])
+            if found := re.search(r"HTTP API on http://127\.0\.0\.1:(\d+)", line):
+                http_port = int(found[1])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=60)
             stub = pb_grpc.JaxServeStub(channel)
@@ -141,7 +147,12 @@ def test_serve_logs_stats_and_each_request_then_stops_on_sigterm():
                 except grpc.RpcError as e:
                     assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
                     time.sleep(0.2)
-        time.sleep(0.6)  # a stats interval or more after the request
+        body = json.dumps({"model": BUILTIN_MODEL, "prompt": [1, 2], "max_tokens": 2}).encode()
+        with urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/v1/completions", body,
+                {"Content-Type": "application/json"}), timeout=60) as reply:
+            assert reply.status == 200
+        time.sleep(0.6)  # a stats interval or more after the requests
         process.send_signal(signal.SIGTERM)
         rest, _ = process.communicate(timeout=60)
     finally:
@@ -149,6 +160,7 @@ def test_serve_logs_stats_and_each_request_then_stops_on_sigterm():
     text = "".join(log) + rest
     assert process.returncode == 0, text[-3000:]
     assert "status=OK prompt_tokens=3 cached_tokens=0 output_tokens=5 finish=length" in text
+    assert '"POST /v1/completions HTTP/1.1" 200' in text  # uvicorn's access line
     assert "generation " in text and " tokens/s; running " in text, text[-3000:]
     assert "Unable to initialize" not in text and "Traceback" not in text
 
