@@ -30,7 +30,8 @@ HELP_ARGS = ("-h", "-help", "--help", "-?", "--helpshort")
 SECTIONS = {"jaxserve.flags": "model and engine flags (EngineConfig)",
             "jaxserve.sampling_flags": "sampling flags (SamplingParams; a flag not given takes "
                                        "the model's generation default, if it has one)",
-            "tools.workload_flags": "workload flags"}
+            "tools.workload_flags": "workload flags",
+            "tools.run": "flags shared with jaxserve run"}
 EXIT_USAGE = 2
 # What absl adds to the help of enum and repeatable flags (the head line says it instead).
 _ABSL_HELP_ADDITIONS = r"^<[^>]*>: |;\s*repeat this option to specify a list of values$"
