@@ -229,3 +229,19 @@ def test_attribute_docs_read_grouped_names_and_continuation_lines():
     import jaxserve.flags  # noqa: F401  (defines the engine flags, so their names are known)
     assert name_flags("EngineConfig.seed must be >= 0; EngineConfig.nope") == \
         "--engine_seed must be >= 0; EngineConfig.nope"
+
+
+def test_seed_is_the_request_seed_and_engine_seed_the_engine_one(tmp_path):
+    outs = [tmp_path / f"{i}.json" for i in range(3)]
+    common = ("run", f"--model={BUILTIN_MODEL}", "--prompt=Hello", "--max_tokens=6",
+              "--ignore_eos", *LIMITS)
+    results = in_parallel([(*common, "--seed=3", "--engine_seed=1", f"--json_out={outs[0]}"),
+                           (*common, "--seed=3", "--engine_seed=2", f"--json_out={outs[1]}"),
+                           (*common, "--engine_seed=2", f"--json_out={outs[2]}")])
+    for result in results:
+        assert result.returncode == 0, result.stderr[-2000:]
+    tokens = [json.loads(p.read_text())["outputs"][0]["samples"][0]["token_ids"] for p in outs]
+    assert tokens[0] == tokens[1]  # the request's seed decides, not the engine's
+    # Without --seed the engine's seed picks one; sampled (SamplingParams' temperature 1.0), so
+    # another seed gives other tokens (seeded throughout: the same outcome every run).
+    assert tokens[2] != tokens[1] and len(tokens[2]) == 6
