@@ -17,7 +17,7 @@ import contextlib
 
 from jaxserve.chat_template import NoChatTemplateError, encode_chat
 from jaxserve.outputs import RequestOutput
-from jaxserve.request_limits import check_prompt_size
+from jaxserve.request_limits import check_prompt_size, prompt_byte_limit, utf8_size
 from jaxserve.sampling_params import SamplingParams
 from server.admission import Admission
 from server.engine_loop import EngineFault
@@ -40,11 +40,19 @@ async def encode_prompt(core, prompt: str | list[int]) -> list[int]:
 
 
 async def encode_messages(core, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    """A conversation rendered by the model's chat template and tokenized, on a worker thread."""
-    tokenizer = core.engine_loop.engine.tokenizer
+    """A conversation rendered by the model's chat template and tokenized, on a worker thread,
+    after the size check the Chat RPC makes (roles and contents within the prompt byte limit)."""
+    engine = core.engine_loop.engine
+    tokenizer = engine.tokenizer
     if tokenizer is None:
         raise NoChatTemplateError("messages: this model has no tokenizer, so no chat template; "
                                   "use /v1/completions with token ids")
+    limit = prompt_byte_limit(engine.config.max_model_len)
+    size = sum(utf8_size(m.get("content") or "") + utf8_size(m["role"]) for m in messages)
+    if size > limit:
+        raise ValueError(f"messages: {size} bytes of roles and content; the limit before "
+                         f"templating is {limit} bytes (max_model_len "
+                         f"{engine.config.max_model_len})")
     _, ids = await asyncio.to_thread(encode_chat, tokenizer, messages, add_generation_prompt)
     return ids
 

@@ -227,6 +227,8 @@ def _error(response: httpx.Response, status: int, param=None) -> dict:
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages",
      "no tools here"),
     ("/v1/chat/completions", {"messages": [{"content": "x"}]}, "messages.0.role", "required"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 70_000}]},
+     "messages", "before templating"),
     ("/v1/chat/completions", {"messages": CONVERSATION, "top_logprobs": 2}, "top_logprobs",
      "logprobs: true"),
     ("/v1/chat/completions", {"messages": CONVERSATION, "max_completion_tokens": -1},
