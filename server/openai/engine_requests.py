@@ -9,11 +9,13 @@ slots back. close() runs however the call ends: a finally in the unary path, the
 streaming response in the streamed one (app.py), so no slot or KV block outlives its call.
 
 The same bookkeeping as the gRPC servicer: the latency histograms and admission's mean latency
-from each finished request.
+from each finished request, and with --access_log one line per engine request when the call ends
+(status 200 when it finished, else the error's status, or 499 for a client that went away).
 """
 
 import asyncio
 import contextlib
+import time
 
 from jaxserve.chat_template import NoChatTemplateError, encode_chat
 from jaxserve.outputs import RequestOutput
@@ -59,14 +61,18 @@ async def encode_messages(core, messages: list[dict], add_generation_prompt: boo
 
 class RequestGroup:
     def __init__(self, core, prompts: list[list[int]], params: SamplingParams, *,
-                 priority: int = 0, client_id: str = "", renames: dict[str, str] | None = None):
+                 priority: int = 0, client_id: str = "", renames: dict[str, str] | None = None,
+                 path: str = ""):
         """core: the GrpcServer whose admission, engine loop and metrics are shared.
-        renames: request field names for the engine's (errors.from_value_error)."""
+        renames: request field names for the engine's (errors.from_value_error).
+        path: the endpoint, for the access log."""
         self._core, self._prompts, self.params = core, prompts, params
         self._priority, self._client_id, self._renames = priority, client_id, renames
+        self._path, self._started = path, time.monotonic()
         self._slots = contextlib.ExitStack()
         self._queues: list[tuple[str, asyncio.Queue]] = []
-        self._finished: set[int] = set()
+        self._finals: dict[int, RequestOutput] = {}
+        self._error_status: int | None = None
         self._closed = False
 
     async def open(self) -> None:
@@ -77,14 +83,18 @@ class RequestGroup:
                 self._queues.append(await self._core.engine_loop.add_request(
                     prompt, self.params, priority=self._priority, client_id=self._client_id))
         except BaseException as e:
-            self.close()
             if isinstance(e, StatusError):
-                raise from_status_error(e) from e
-            if isinstance(e, ValueError):
-                raise from_value_error(e, self._renames) from e
-            if isinstance(e, Exception):  # an engine fault on this request (logged there)
-                raise APIError(500, "adding the request failed; see the server log") from e
-            raise
+                error = from_status_error(e)
+            elif isinstance(e, ValueError):
+                error = from_value_error(e, self._renames)
+            elif isinstance(e, Exception):  # an engine fault on this request (logged there)
+                error = APIError(500, "adding the request failed; see the server log")
+            else:
+                self.close()
+                raise
+            self._error_status = error.status
+            self.close()
+            raise error from e
 
     async def outputs(self):
         """Yields (prompt index, RequestOutput) until every request has finished. Outputs before
@@ -97,9 +107,13 @@ class RequestGroup:
                 done, _ = await asyncio.wait(gets, return_when=asyncio.FIRST_COMPLETED)
                 for get in sorted(done, key=gets.get):
                     i = gets.pop(get)
-                    output = self._check(get.result(), self._queues[i][0])
+                    try:
+                        output = self._check(get.result(), self._queues[i][0])
+                    except APIError as e:
+                        self._error_status = e.status
+                        raise
                     if output.finished:
-                        self._finished.add(i)
+                        self._finals[i] = output
                         self._record(output)
                     else:
                         gets[asyncio.ensure_future(self._queues[i][1].get())] = i
@@ -114,9 +128,14 @@ class RequestGroup:
             return
         self._closed = True
         for i, (request_id, _) in enumerate(self._queues):
-            if i not in self._finished:
+            if i not in self._finals:
                 self._core.engine_loop.abort(request_id)
         self._slots.close()
+        finished = len(self._finals) == len(self._prompts)
+        status = "200" if finished else str(self._error_status or 499)
+        for i, (request_id, _) in enumerate(self._queues or [(None, None)]):
+            self._core.servicer.access_log.request_done(
+                f"http {self._path}", request_id, status, self._finals.get(i), self._started)
 
     def _check(self, output: RequestOutput | EngineFault, request_id: str) -> RequestOutput:
         if isinstance(output, EngineFault):

@@ -61,7 +61,8 @@ class ChatCall:
         except ValueError as e:
             raise from_value_error(e, self._renames) from e
         self.group = RequestGroup(self._core, [prompt], params, priority=r.priority,
-                                  client_id=r.user or "", renames=self._renames)
+                                  client_id=r.user or "", renames=self._renames,
+                                  path="/v1/chat/completions")
         await self.group.open()
 
     def close(self) -> None:

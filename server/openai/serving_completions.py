@@ -44,7 +44,7 @@ class CompletionCall:
         except ValueError as e:
             raise from_value_error(e) from e
         self.group = RequestGroup(self._core, prompts, params, priority=r.priority,
-                                  client_id=r.user or "")
+                                  client_id=r.user or "", path="/v1/completions")
         await self.group.open()
 
     def close(self) -> None:

@@ -5,8 +5,10 @@ prompt lists, logprobs in both shapes, stop strings, seeds; /v1/models, /tokeniz
 
 import asyncio
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -273,9 +275,10 @@ def _slow_engine_factory(model_dir: str, step_s: float):
     return build
 
 
-def test_auth_body_limit_and_a_full_queue(model_dir):
+def test_auth_body_limit_a_full_queue_and_the_access_log(model_dir, caplog):
+    caplog.set_level(logging.INFO, logger="jaxserve.access")
     server = HttpServerThread(_slow_engine_factory(model_dir, 0.01), auth_token="sesame",
-                              max_pending=1, max_message_bytes=1024)
+                              max_pending=1, max_message_bytes=1024, access_log=True)
     try:
         url = server.base_url + "/v1/completions"
         ok = {"Authorization": "Bearer sesame"}
@@ -303,6 +306,11 @@ def test_auth_body_limit_and_a_full_queue(model_dir):
                                          max_tokens=2).usage.completion_tokens == 2
         metrics = get(server.base_url + "/metrics", headers=ok).text
         assert 'jaxserve_unauthenticated_calls_total{endpoint="http"} 3.0' in metrics
+        lines = [r.getMessage() for r in caplog.records if r.name == "jaxserve.access"]
+        assert any(re.fullmatch(r"http /v1/completions request=\d+ status=200 prompt_tokens=2 "
+                                r"cached_tokens=\d+ output_tokens=2 finish=length e2e=\S+", line)
+                   for line in lines), lines
+        assert any(line.startswith("http /v1/completions request=- status=429") for line in lines)
     finally:
         server.close()
 

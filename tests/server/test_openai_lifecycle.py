@@ -4,6 +4,7 @@ process exits 0."""
 
 import concurrent.futures
 import json
+import logging
 import os
 import re
 import signal
@@ -91,12 +92,13 @@ def test_health_follows_loading_serving_and_draining():
 
 @pytest.fixture(scope="module")
 def slow_server():
-    server = HttpServerThread(slow_tiny_engine)
+    server = HttpServerThread(slow_tiny_engine, access_log=True)
     yield server
     server.close()
 
 
-def test_disconnect_mid_stream_aborts_and_frees_kv_blocks(slow_server):
+def test_disconnect_mid_stream_aborts_and_frees_kv_blocks(slow_server, caplog):
+    caplog.set_level(logging.INFO, logger="jaxserve.access")
     engine = slow_server.engine
     before = engine.num_generated_tokens
     with httpx.stream("POST", slow_server.base_url + "/v1/completions", timeout=60, json={
@@ -109,6 +111,8 @@ def test_disconnect_mid_stream_aborts_and_frees_kv_blocks(slow_server):
     assert slow_server.wait_idle()
     assert time.monotonic() - start < 0.5
     assert engine.num_generated_tokens - before < LONG // 2  # aborted, not finished
+    assert any("status=499 prompt_tokens=- " in r.getMessage() for r in caplog.records
+               if r.name == "jaxserve.access")
 
 
 def test_disconnect_during_a_unary_call_aborts_it(slow_server):
