@@ -231,7 +231,7 @@ def _bearer_check(token: str, metrics):
     expected = f"Bearer {token}".encode()
     refused = metrics.unauthenticated.labels(endpoint="http")
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:  # (async: on the event loop, not a thread)
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, expected):  # constant time
             refused.inc()
