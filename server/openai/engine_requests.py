@@ -99,6 +99,11 @@ class RequestGroup:
     async def outputs(self):
         """Yields (prompt index, RequestOutput) until every request has finished. Outputs before
         a request's last are deltas; its last is whole. Raises APIError for a failed request."""
+        if len(self._queues) == 1:  # the common case: its queue alone, no task per output
+            queue = self._queues[0][1]
+            while 0 not in self._finals:
+                yield 0, self._take(0, await queue.get())
+            return
         gets = {}
         try:
             for i, (_, queue) in enumerate(self._queues):
@@ -107,20 +112,25 @@ class RequestGroup:
                 done, _ = await asyncio.wait(gets, return_when=asyncio.FIRST_COMPLETED)
                 for get in sorted(done, key=gets.get):
                     i = gets.pop(get)
-                    try:
-                        output = self._check(get.result(), self._queues[i][0])
-                    except APIError as e:
-                        self._error_status = e.status
-                        raise
-                    if output.finished:
-                        self._finals[i] = output
-                        self._record(output)
-                    else:
+                    output = self._take(i, get.result())
+                    if not output.finished:
                         gets[asyncio.ensure_future(self._queues[i][1].get())] = i
                     yield i, output
         finally:
             for get in gets:
                 get.cancel()
+
+    def _take(self, i: int, item: RequestOutput | EngineFault) -> RequestOutput:
+        """Request i's next output, checked (APIError for a failure) and recorded if final."""
+        try:
+            output = self._check(item, self._queues[i][0])
+        except APIError as e:
+            self._error_status = e.status
+            raise
+        if output.finished:
+            self._finals[i] = output
+            self._record(output)
+        return output
 
     def close(self) -> None:
         """Aborts the unfinished requests (freeing their KV blocks) and gives the slots back."""
