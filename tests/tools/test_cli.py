@@ -89,7 +89,6 @@ def test_each_user_error_is_one_line_and_exit_status_2():
         (("run", "--max_tokens=0"), "--max_tokens must be an integer >= 1, got 0"),
         (("run", "--temperature=-1"), "--temperature must be in [0, 100], got -1.0"),
         (("run", "--max_tokens=abc"), "flag --max_tokens=abc: invalid literal"),
-        (("run", "--no_such_flag=1"), "Unknown command line flag 'no_such_flag'"),
         (("run", "--model=/no/such/model"), "'/no/such/model' is not a folder"),
         (("run", tiny, "--tensor_parallel=3", *LIMITS), "needs 3 devices; 1 are available"),
         (("chat", "--top_p=0"), "--top_p must be in (0, 1], got 0.0"),
@@ -98,9 +97,7 @@ def test_each_user_error_is_one_line_and_exit_status_2():
         (("serve", "--model=/no/such/model"), "'/no/such/model' is not a folder"),
         (("serve", tiny, "--tensor_parallel=3", *LIMITS), "needs 3 devices; 1 are available"),
         (("serve", tiny, f"--port={port}", *LIMITS), f"127.0.0.1:{port} is in use"),
-        (("serve", tiny, "--port=0", f"--metrics_port={port}", *LIMITS),
-         f"127.0.0.1:{port} is in use"),
-        (("bogus",), "unknown command 'bogus'"),
+        (("bogus", "--no_such_flag"), "unknown command 'bogus'"),
     ]
     try:
         results = in_parallel([args for args, _ in cases])
