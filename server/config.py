@@ -18,7 +18,8 @@ class ServerConfig:
         HTTP API alone).
       http_port: the OpenAI-compatible HTTP API (server/openai/) on `host`, beside gRPC and
         sharing its engine loop, admission and metrics; None is off, 0 picks a free port.
-      served_model_name: the model's name in the HTTP API (`model`, /v1/models); None: its path.
+      served_model_name: the model's name in the HTTP API (`model`, /v1/models); None: its path
+        (the flag's default: --model as given).
       max_pending: requests admitted at once (waiting + running); past it, RESOURCE_EXHAUSTED.
       grace_period_s: on drain (SIGTERM), how long running requests may take to finish.
       tls_cert, tls_key: PEM files, the certificate chain and its private key: TLS; both or
@@ -59,7 +60,8 @@ class ServerConfig:
             if value is not None and not 0 <= value < 65536:
                 raise ValueError(f"{name} must be in [0, 65536), got {value}")
         if self.port is None and self.http_port is None:
-            raise ValueError("nothing to serve: neither gRPC (port) nor HTTP (http_port) is on")
+            raise ValueError("nothing to serve: gRPC is off (port None: --nogrpc) and http_port "
+                             "is unset")
         if self.served_model_name == "":
             raise ValueError("served_model_name must not be empty (leave it unset for the path)")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
