@@ -114,6 +114,10 @@ class DisaggregatedEngine:
             self._add_queued()
         return request_id
 
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """As Engine.check_request: the prompt's token ids, or ValueError. Changes nothing."""
+        return self.prefill.check_request(prompt, params)
+
     def _add_queued(self) -> None:
         """Hands the queued requests to the prefill engine (no step of it is running)."""
         for request_id, prompt, params, kwargs in self._queued:
