@@ -31,6 +31,7 @@ Every way a call can end maps to one status:
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import time
 
 import grpc
@@ -49,6 +50,7 @@ from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 from server.gen.jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
 from server.metrics import ServerMetrics
 
+logger = logging.getLogger(__name__)
 _WORKERS = 2  # threads for tokenizing and other per-request work that grows with its size
 
 
@@ -154,7 +156,9 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
             raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
         except ValueError as e:
             raise StatusError(*status_for_value_error(e)) from e
-        except Exception as e:  # an engine fault on this request alone (logged by the engine loop)
+        except Exception as e:  # a fault on this request alone
+            if not isinstance(e, EngineFault):  # (the engine loop logs its own)
+                logger.exception("adding a request failed")
             raise StatusError(grpc.StatusCode.INTERNAL,
                               "adding the request failed; see the server log") from e
 
@@ -169,9 +173,12 @@ class JaxServeServicer(pb_grpc.JaxServeServicer):
                                       "template; send Generate with token ids")
         messages, add_generation_prompt = proto_convert.chat_from_request(request)
         limit = prompt_byte_limit(engine.config.max_model_len)
-        size = sum(utf8_size(m["content"]) + utf8_size(m["role"]) for m in messages)
+        chars = sum(len(m["content"]) + len(m["role"]) for m in messages)  # >= 1 byte each
+        size = chars if chars > limit else sum(utf8_size(m["content"]) + utf8_size(m["role"])
+                                               for m in messages)
         if size > limit:
-            raise ValueError(f"messages: {size} bytes of roles and content; the limit before "
+            raise ValueError(f"messages: {'at least ' * (chars > limit)}{size} bytes of roles and "
+                             f"content; the limit before "
                              f"templating is {limit} bytes (max_model_len "
                              f"{engine.config.max_model_len})")
         _, ids = await self._off_loop(encode_chat, engine.tokenizer, messages,

@@ -71,6 +71,9 @@ def test_huge_prompts_are_refused_while_others_keep_answering(shared_server):
                                       timeout=60), grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
                (lambda: stub.Tokenize(pb.TokenizeRequest(text=huge), timeout=60),
                 grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+               (lambda: list(stub.Chat(pb.ChatRequest(messages=[pb.ChatMessage(
+                   role="user", content=huge)]), timeout=60)), grpc.StatusCode.INVALID_ARGUMENT,
+                "messages: at least"),
                (lambda: stub.Complete(pb.GenerateRequest(text=at_limit, params=greedy(3)),
                                       timeout=60), grpc.StatusCode.OUT_OF_RANGE, "tokens")]
     with concurrent.futures.ThreadPoolExecutor(len(attacks) * 2) as pool:
