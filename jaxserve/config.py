@@ -183,7 +183,7 @@ class EngineConfig:
       speculative_model: checkpoint of the draft model (same tokenizer), for method "draft".
       ngram_min, ngram_max: the n-gram lengths prompt lookup tries, longest first.
       speculative_min_acceptance: a sequence stops speculating once the share of its proposed
-        tokens accepted falls below this (judged over its last 32 proposed tokens), or after 16
+        tokens accepted falls below this (judged over its last 16 proposed tokens), or after 8
         steps in a row without a proposal; 0 keeps it speculating.
     """
 

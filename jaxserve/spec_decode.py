@@ -21,8 +21,8 @@ from jaxserve.request import Sequence
 
 # The switch (speculative_min_acceptance): judged over this many of the latest proposed tokens,
 # and off after this many steps in a row without a proposal.
-ACCEPTANCE_WINDOW = 32
-MAX_STEPS_WITHOUT_PROPOSAL = 16
+ACCEPTANCE_WINDOW = 16
+MAX_STEPS_WITHOUT_PROPOSAL = 8
 
 
 def propose_ngram(token_ids: np.ndarray, k: int, ngram_min: int, ngram_max: int) -> list[int]:

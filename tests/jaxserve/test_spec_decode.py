@@ -13,7 +13,8 @@ import pytest
 
 from jaxserve import Engine, EngineConfig, LLM, SamplingParams
 from jaxserve.default_model import BUILTIN_MODEL
-from jaxserve.spec_decode import SpecState, propose_ngram
+from jaxserve.spec_decode import (ACCEPTANCE_WINDOW, MAX_STEPS_WITHOUT_PROPOSAL, SpecState,
+                                  propose_ngram)
 from tests.conftest import build_engine, fixture_path, run_to_completion
 
 SPEC = dict(speculative_method="ngram", speculative_min_acceptance=0.0)
@@ -50,18 +51,21 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
 
 
 def test_spec_state_turns_off_on_low_acceptance_and_without_proposals():
+    steps = ACCEPTANCE_WINDOW // 4
     spec = SpecState()
-    for _ in range(7):
+    for _ in range(steps - 1):
         spec.record(4, 1, 0.3)
-    assert spec.enabled  # 28 proposed: not judged yet
+    assert spec.enabled  # fewer than ACCEPTANCE_WINDOW proposed: not judged yet
     spec.record(4, 0, 0.3)
-    assert not spec.enabled  # 7 of 32 accepted < 30 %
+    assert not spec.enabled  # a quarter less one accepted < 30 %
     spec = SpecState()
-    for _ in range(8):
+    for _ in range(2 * steps):
         spec.record(4, 2, 0.3)
     assert spec.enabled
-    for _ in range(16):
+    for _ in range(MAX_STEPS_WITHOUT_PROPOSAL - 1):
         spec.no_proposal(0.3)
+    assert spec.enabled
+    spec.no_proposal(0.3)
     assert not spec.enabled
 
 
