@@ -6,8 +6,10 @@
 #   bash tools/gpu_fronts.sh serve     # one server, --port and --http_port; gRPC then HTTP per rate
 #   bash tools/gpu_fronts.sh offline   # the same rates through the engine in-process
 #   bash tools/gpu_fronts.sh table     # $OUT/*.json as docs/BENCHMARKS.md's table, by rate and path
-# Results (JSON per run, logs) under $OUT (default gpu_out/fronts). RATES (default "2 4 8 16")
-# extend past the earlier 2-8 to find where the HTTP path's goodput falls off next to offline's.
+# Results (JSON per run, logs) under $OUT (default gpu_out/fronts). RATES (default "4 8 16")
+# go past the earlier 2-8 to find where the HTTP path's goodput falls off next to offline's.
+# Expected time (H100 figures of docs/BENCHMARKS.md: 120 requests, p99 E2E ~9 s): serve ~5-6 min
+# (the server's start and precompile, then 6 runs of 20-50 s), offline ~5 min (3 engine starts).
 #
 # The device has no internet. The wheels this needs beyond jax/flax/torch/transformers were
 # fetched here into .wheels/ (carry it: run(carry=[".wheels"])) with
@@ -29,7 +31,7 @@ ENGINE=${ENGINE:-"--model=tools/model_shapes/llama3-8b --random_weights --max_mo
 --max_num_seqs=64 --max_num_batched_tokens=512"}
 WORKLOAD=${WORKLOAD:-"--num_requests=120 --warmup_requests=8"}
 SLO="--slo_ttft_ms=1000 --slo_tpot_ms=50"
-RATES=${RATES:-"2 4 8 16"}
+RATES=${RATES:-"4 8 16"}
 PORT=${PORT:-50051}
 HTTP_PORT=${HTTP_PORT:-8000}
 
