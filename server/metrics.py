@@ -47,7 +47,9 @@ class _EngineStatsCollector:
                  stats.prefix_cache_hit_rate),
                 ("jaxserve_num_free_swap_slots",
                  "Host memory slots free for swapped-out KV blocks (--preemption_mode=swap)",
-                 stats.num_free_swap_slots)):
+                 stats.num_free_swap_slots),
+                ("jaxserve_num_swap_slots", "Host memory slots for swapped-out KV blocks",
+                 stats.num_swap_slots)):
             yield GaugeMetricFamily(name, doc, value=value)
         for name, doc, value in (
                 ("jaxserve_preemptions", "Sequences preempted", stats.num_preemptions),

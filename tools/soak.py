@@ -16,8 +16,8 @@ passed. Each call is one of (expected statuses on the right):
 
 in the shares the flags give (normal takes the rest). A call with no short deadline that is
 still open after --hang_s is a hang. After the run it waits for the server to go idle and
-reads its leaks: KV blocks free (GetModelInfo's total against /metrics), swap slots, requests in
-flight, and the server process's RSS, threads and open fds against a warmed-up baseline. RSS is
+reads its leaks: KV blocks free (GetModelInfo's total against /metrics), host swap slots free
+(against their total), requests in flight, and the server process's RSS, threads and open fds against a warmed-up baseline. RSS is
 sampled through the run: a leak is growth over its second half (allocator high-water marks
 plateau in the first), past --rss_growth_mb. Then
 SIGTERM, and the exit code. Prints a table; writes everything as JSON to --json_out (outside the
@@ -93,7 +93,8 @@ class Server:
         self.ports: dict[str, int] = {}
         self._found = threading.Event()
         threading.Thread(target=self._read_log, daemon=True).start()
-        if not self._found.wait(120):
+        if not self._found.wait(120) or len(self.ports) < 2:
+            self.process.kill()
             raise RuntimeError("the server did not start:\n" + "".join(self.log[-30:]))
         self.target = f"127.0.0.1:{self.ports['grpc']}"
         self.info = psutil.Process(self.process.pid)
@@ -108,6 +109,7 @@ class Server:
                     self.ports[name] = int(found.group(1))
             if len(self.ports) == 2:
                 self._found.set()
+        self._found.set()  # it exited
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics",
@@ -259,8 +261,10 @@ def print_table(report: dict) -> None:
           f"{report['concurrency']}: {report['unexpected']} unexpected, {report['hangs']} hung, "
           f"server exit code {report['exit_code']}")
     print(f"normal call latency s: {report['normal_latency_s']}; phases s: {report['phases_s']}")
-    print(f"KV blocks free {leaks['kv_blocks_free']}/{leaks['kv_blocks']}, swap slots free "
-          f"{leaks['swap_slots_free']}, in flight {leaks['in_flight']}; RSS "
+    print(f"KV blocks free {leaks['kv_blocks_free']:.0f}/{leaks['kv_blocks']}, host swap slots "
+          f"free {leaks['swap_slots_free']:.0f}/{leaks['swap_slots']:.0f} (preemptions "
+          f"{leaks['preemptions']:.0f}, swapped out {leaks['swap_outs']:.0f}), in flight "
+          f"{leaks['in_flight']:.0f}; RSS "
           f"{leaks['rss_mb'][0]:.0f} -> {leaks['rss_mb'][1]:.0f} MB (through the run "
           f"{leaks['rss_mb_quartiles']}; second half {leaks['rss_mb_second_half_growth']:+.0f}), "
           f"threads "
@@ -305,6 +309,9 @@ def main(argv: list[str]) -> None:
     free = metrics.get("jaxserve_num_free_kv_blocks")
     leaks = {"kv_blocks": total, "kv_blocks_free": free,
              "swap_slots_free": metrics.get("jaxserve_num_free_swap_slots"),
+             "swap_slots": metrics.get("jaxserve_num_swap_slots"),
+             "preemptions": metrics.get("jaxserve_preemptions_total"),
+             "swap_outs": metrics.get("jaxserve_swap_outs_total"),
              "in_flight": metrics.get("jaxserve_requests_in_flight"),
              **{k: [round(baseline[k], 1), round(after[k], 1)] for k in baseline}}
     rss = rss or [baseline["rss_mb"]]
@@ -312,6 +319,7 @@ def main(argv: list[str]) -> None:
                                  for q in range(4)] + [round(after["rss_mb"])]
     leaks["rss_mb_second_half_growth"] = round(after["rss_mb"] - rss[len(rss) // 2], 1)
     leaks["leaked"] = bool(free != total or leaks["in_flight"] != 0
+                           or leaks["swap_slots_free"] != leaks["swap_slots"]
                            or leaks["rss_mb_second_half_growth"] > FLAGS.rss_growth_mb
                            or after["threads"] > baseline["threads"] + 4
                            or after["fds"] > baseline["fds"] + 16)
