@@ -93,6 +93,33 @@ def test_huge_prompts_are_refused_while_others_keep_answering(shared_server):
     assert shared_server.wait_idle()
 
 
+def test_tokenizing_runs_on_worker_threads_only(shared_server, monkeypatch):
+    """Not the event loop, not the engine thread (which gets token ids; its incremental
+    detokenizer decodes a few tokens per step there, which is bounded)."""
+    tokenizer = shared_server.server.engine.tokenizer
+    calls = []
+
+    def recording(name):
+        function = getattr(tokenizer, name)
+
+        def call(*args, **kwargs):
+            calls.append((name, len(args[0]), threading.current_thread().name))
+            return function(*args, **kwargs)
+        monkeypatch.setattr(tokenizer, name, call)
+
+    recording("encode")
+    recording("decode")
+    stub = shared_server.stub()
+    stub.Complete(pb.GenerateRequest(text="which thread", params=greedy(2)), timeout=30)
+    list(stub.Generate(pb.GenerateRequest(text="and here", params=greedy(2)), timeout=30))
+    stub.Tokenize(pb.TokenizeRequest(text="tokenize"), timeout=30)
+    stub.Detokenize(pb.DetokenizeRequest(token_ids=list(range(70, 90))), timeout=30)
+    encodes = [thread for name, _, thread in calls if name == "encode"]
+    assert len(encodes) == 3 and all(t.startswith("request-work") for t in encodes), calls
+    whole = [thread for name, size, thread in calls if name == "decode" and size == 20]
+    assert whole and all(t.startswith("request-work") for t in whole), calls
+
+
 def test_a_request_over_max_message_bytes_is_refused_on_receive(shared_server):
     stub = shared_server.stub()
     with pytest.raises(grpc.RpcError) as error:
