@@ -214,7 +214,7 @@ class EngineConfig:
     speculative_method: str = "none"
     num_speculative_tokens: int = 4
     speculative_model: str | None = None
-    ngram_min: int = 1
+    ngram_min: int = 2
     ngram_max: int = 4
     speculative_min_acceptance: float = 0.25
 

@@ -85,6 +85,11 @@ def _pow2_upto(n: int) -> list[int]:
     return [1 << i for i in range(pow2_bucket(n).bit_length())]
 
 
+def _pow2_between(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, 4 lo, ... below hi, then hi."""
+    return [lo << i for i in range(max(hi // lo, 1).bit_length()) if lo << i < hi] + [hi]
+
+
 def _bucket(sizes: list[int], n: int) -> int:
     for size in sizes:
         if size >= n:
@@ -150,17 +155,17 @@ class ModelRunner:
         self.last_tokens = jax.device_put(np.zeros(n, np.int32), repl)
         # Every token bucket splits evenly over the token shards (data x sequence).
         token_shards = axis_size(self.mesh, TOKEN_AXES)
+        speculative = config.speculative_method != "none"
         token_sizes = set(bucket_sizes(16, config.max_num_batched_tokens))
-        if config.speculative_method != "none":
-            # A few sequences verifying k + 1 tokens each: 8 and 32 too, not 16 or 64 for 5.
-            token_sizes |= set(bucket_sizes(8, config.max_num_batched_tokens))
+        if speculative:  # verification steps of k + 1 tokens a sequence: every power of two
+            token_sizes |= set(_pow2_between(8, config.max_num_batched_tokens))
         self.token_buckets = sorted({round_up(t, token_shards) for t in token_sizes})
         # Speculating sequences sample k + 1 rows each: never more rows than tokens (and the
         # buckets do not depend on k).
-        max_rows = config.max_num_seqs
-        if config.speculative_method != "none":
-            max_rows = config.max_num_batched_tokens
+        max_rows = config.max_num_batched_tokens if speculative else config.max_num_seqs
         self.seq_buckets = bucket_sizes(8, max_rows)
+        if speculative:  # padding rows cost a row of logits each: finer
+            self.seq_buckets = sorted(set(self.seq_buckets) | set(_pow2_between(8, max_rows)))
         self.ring_buckets = self._ring_buckets()
         # Decode-only steps run T = S over fine buckets (the paged decode kernel under Pallas).
         # Only without token sharding, where every device holds all the step's rows.

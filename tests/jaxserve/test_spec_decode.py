@@ -17,7 +17,7 @@ from jaxserve.spec_decode import (ACCEPTANCE_WINDOW, MAX_STEPS_WITHOUT_PROPOSAL,
                                   propose_ngram)
 from tests.conftest import build_engine, fixture_path, run_to_completion
 
-SPEC = dict(speculative_method="ngram", speculative_min_acceptance=0.0)
+SPEC = dict(speculative_method="ngram", speculative_min_acceptance=0.0, ngram_min=1)
 
 
 # ----- config -------------------------------------------------------------------------------
