@@ -235,3 +235,14 @@ def test_prometheus_reports_acceptance_rate_and_mean_accepted_length():
     assert "jaxserve_spec_decode_acceptance_rate 0.75" in text
     assert "jaxserve_spec_decode_mean_accepted_length 4.0" in text
     assert "jaxserve_spec_decode_draft_tokens_total 40.0" in text
+
+
+def test_the_synchronous_loop_speculates_the_same(tiny):
+    plain, _ = tiny
+    sync = Engine(BUILTIN_MODEL, EngineConfig(**TINY, num_speculative_tokens=3,
+                                              async_scheduling=False, **SPEC),
+                  precompile=False, progress=False)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    assert outputs(sync, PROMPTS, params) == outputs(plain, PROMPTS, params)
+    assert sync.stats().num_accepted_tokens > 0
+    assert_idle(sync)
