@@ -246,3 +246,14 @@ def test_the_synchronous_loop_speculates_the_same(tiny):
     assert outputs(sync, PROMPTS, params) == outputs(plain, PROMPTS, params)
     assert sync.stats().num_accepted_tokens > 0
     assert_idle(sync)
+
+
+def test_swap_preemption_with_speculation_keeps_the_output(tiny):
+    plain, _ = tiny
+    swap = Engine(BUILTIN_MODEL, EngineConfig(**TINY, preemption_mode="swap", swap_space_gib=0.01,
+                                              num_speculative_tokens=3, **SPEC),
+                  precompile=False, progress=False)
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    assert outputs(swap, PROMPTS, params) == outputs(plain, PROMPTS, params)
+    assert swap.stats().num_swap_outs > 0 and swap.stats().num_accepted_tokens > 0
+    assert_idle(swap)
