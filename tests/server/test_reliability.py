@@ -3,6 +3,7 @@ clear statuses, the watchdog, the metrics port's paths and auth, and SIGTERM in 
 
 import concurrent.futures
 import os
+import random
 import select
 import signal
 import subprocess
@@ -257,9 +258,11 @@ def test_watchdog_does_not_count_a_compile_as_a_stall(make_server):
     step = engine.step
     stalls = lambda: registry.get_sample_value("jaxserve_engine_stalls_total")
 
+    nonce = random.random()  # a constant of this run: the persistent compilation cache can't hit
+
     def slow(x):  # a long chain of ops: its XLA compile takes about a second
         for i in range(1000):
-            x = jnp.sin(x) * (1.0 + i * 1e-7 + time.time() % 1e-9)
+            x = jnp.sin(x) * (1.0 + i * 1e-7) + nonce
         return x
 
     lowered = jax.jit(slow).lower(jnp.ones(3))  # traced here: only the XLA compile is on the loop
