@@ -22,7 +22,7 @@ TokenIds = list[StrictInt]
 
 class StreamOptions(pydantic.BaseModel):
     model_config = _FORBID
-    include_usage: bool = False
+    include_usage: bool | None = False  # null: false (as OpenAI and vLLM take it)
 
 
 class _SamplingFields(pydantic.BaseModel):
@@ -37,7 +37,7 @@ class _SamplingFields(pydantic.BaseModel):
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False  # null: false
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras.
@@ -61,7 +61,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = None  # None: the model's default, else 16 (OpenAI's)
     logprobs: int | None = None  # the top N besides the sampled token
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
 
@@ -108,7 +108,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     max_tokens: int | None = None  # deprecated by OpenAI for max_completion_tokens; either works
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True  # vLLM's
     tools: list | None = None

@@ -344,3 +344,23 @@ def test_benchmark_serving_drives_the_http_api(api, tmp_path):
                 output_len_median=8.0, max_output_len=32, vocab_size=api.engine.model_config.vocab_size)
     expected = [r.output_len for r in generate_workload(WorkloadSpec(**spec))]
     assert [r["output_tokens"] for r in run["requests"]] == expected
+
+
+def test_null_optional_fields_take_their_defaults(api):
+    """OpenAI and vLLM take null for an optional field as its default, as clients that
+    serialize every field send it: stream, echo, logprobs and include_usage included."""
+    nulls = {"stream": None, "stream_options": None, "n": None, "stop": None, "seed": None,
+             "max_tokens": 2}
+    response = post(api.base_url + "/v1/completions",
+                    json={"prompt": "x", "echo": None, "logprobs": None, **nulls})
+    assert response.status_code == 200, response.text
+    response = post(api.base_url + "/v1/chat/completions",
+                    json={"messages": CONVERSATION, "logprobs": None, "top_logprobs": None,
+                          **nulls})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["logprobs"] is None
+    with httpx.stream("POST", api.base_url + "/v1/completions", timeout=60, json={
+            "prompt": "x", "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": None}}) as stream:
+        lines = [line for line in stream.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and "usage" not in json.loads(lines[-2][6:])
