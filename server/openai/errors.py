@@ -38,7 +38,8 @@ class APIError(Exception):
         self.code, self.headers = code, headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
+        return {"error": {"message": self.message, "type": _TYPES.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"),
                           "param": self.param, "code": self.code}}
 
 

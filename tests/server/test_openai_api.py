@@ -256,7 +256,7 @@ def test_other_errors_have_their_codes(api, client):
                               json={"model": "gpt-4", "prompt": "x"}), 404, "model")
     assert error["code"] == "model_not_found" and "`gpt-4`" in error["message"]
     _error(get(api.base_url + "/v1/nothing"), 404)
-    _error(get(api.base_url + "/v1/completions"), 405)
+    assert _error(get(api.base_url + "/v1/completions"), 405)["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError) as bad:
