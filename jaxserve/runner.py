@@ -350,9 +350,8 @@ class ModelRunner:
             self._block_copies(src, dst)
         ring = [item for item in out.scheduled if self._ring_eligible(item)]
         rest = [item for item in out.scheduled if not self._ring_eligible(item)]
-        batches = []
-        if rest:
-            batches.append(self._run(rest, ring=False))
+        # Forks add rows beside speculating sequences' k + 1: split so no batch outgrows S.
+        batches = [self._run(group, ring=False) for group in _by_rows(rest, self.seq_buckets[-1])]
         batches += [self._run([item], ring=True) for item in ring]
         for batch in batches:
             _start_copy((batch.result, batch.load))
@@ -374,8 +373,7 @@ class ModelRunner:
 
     def _run(self, items: list[ScheduledSeq], ring: bool) -> StepBatch:
         """Dispatches one batch; its results stay on the device."""
-        num_rows = sum(len(item.spec_tokens) + 1 + len(item.forks) for item in items
-                       if item.sample)
+        num_rows = sum(map(_num_rows, items))
         num_tokens = sum(item.num_tokens for item in items)
         decode = (not ring and bool(self.decode_buckets)
                   and all(item.num_tokens == 1 for item in items))
@@ -477,6 +475,22 @@ class ModelRunner:
         """On process 0 when serving ends: lets the other processes' `follow` return."""
         if jax.process_count() > 1:
             distributed.send_stop(_HEADER_LEN)
+
+
+def _num_rows(item: ScheduledSeq) -> int:
+    return len(item.spec_tokens) + 1 + len(item.forks) if item.sample else 0
+
+
+def _by_rows(items: list[ScheduledSeq], max_rows: int) -> list[list[ScheduledSeq]]:
+    """Consecutive groups of items, each sampling at most max_rows rows."""
+    groups, rows = [], 0
+    for item in items:
+        if not groups or rows + _num_rows(item) > max_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append(item)
+        rows += _num_rows(item)
+    return groups
 
 
 def _mode_bits(mode: SamplerMode) -> int:

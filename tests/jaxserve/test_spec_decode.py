@@ -273,3 +273,30 @@ def test_smollm2_greedy_tokens_with_speculation():
     outs = run_to_completion(engine)
     assert [outs[i].outputs[0].token_ids for i in ids] == golden["greedy_tokens"]
     assert engine.stats().num_accepted_tokens > 0
+
+
+def test_forks_beside_full_proposals_fit_the_step(tiny):
+    """Speculating sequences fill the token budget with k + 1 rows each while a prompt forks
+    n = 5 samples (rows with no token of their own): 17 rows in 16 tokens still run."""
+    plain, spec = tiny
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    forked = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, n=5)
+    prompts = ["xyz xyz", "abab", "one two one two"]
+    propose = spec.proposer.propose
+
+    def always_k(seq):  # every sequence proposes all k tokens (often wrong)
+        propose(seq)
+        seq.spec.proposals = [seq.token_ids[-1]] * spec.proposer.num_to_propose(seq)
+    spec.proposer.propose = always_k
+    try:
+        ids = [spec.add_request(p, greedy) for p in prompts]
+        finished = {}
+        for _ in range(6):
+            finished.update((o.request_id, o) for o in spec.step() if o.finished)
+        ids.append(spec.add_request("q", forked))
+        finished.update(run_to_completion(spec))
+    finally:
+        spec.proposer.propose = propose
+    got = [[dataclasses.asdict(c) for c in finished[i].outputs] for i in ids]
+    assert got == outputs(plain, prompts, greedy) + outputs(plain, ["q"], forked)
+    assert_idle(spec)
