@@ -97,6 +97,7 @@ def test_each_user_error_is_one_line_and_exit_status_2():
         (("serve", "--model=/no/such/model"), "'/no/such/model' is not a folder"),
         (("serve", tiny, "--tensor_parallel=3", *LIMITS), "needs 3 devices; 1 are available"),
         (("serve", tiny, f"--port={port}", *LIMITS), f"127.0.0.1:{port} is in use"),
+        (("router", "--backends="), "backends must list at least one backend"),
         (("bogus", "--no_such_flag"), "unknown command 'bogus'"),
     ]
     try:
