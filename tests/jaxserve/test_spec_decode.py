@@ -300,3 +300,18 @@ def test_forks_beside_full_proposals_fit_the_step(tiny):
     got = [[dataclasses.asdict(c) for c in finished[i].outputs] for i in ids]
     assert got == outputs(plain, prompts, greedy) + outputs(plain, ["q"], forked)
     assert_idle(spec)
+
+
+def test_seeded_sampling_equals_no_speculation_in_a_full_batch(tiny):
+    """Six prompts overrun the token budget and the KV cache, so proposals are cut and
+    sequences preempted: a seeded sample's tokens still depend on its seed alone."""
+    plain, spec = tiny
+    params = SamplingParams(temperature=0.8, top_k=20, max_tokens=60, ignore_eos=True, seed=7)
+    alone = outputs(plain, [PROMPTS[1]], params)[0]
+    before = spec.stats()
+    batched = outputs(spec, [PROMPTS[1]] + PROMPTS, params)
+    assert batched[0] == alone and batched[1:] == outputs(plain, PROMPTS, params)
+    after = spec.stats()
+    assert after.num_accepted_tokens > before.num_accepted_tokens
+    assert after.num_preemptions > before.num_preemptions
+    assert_idle(spec)
