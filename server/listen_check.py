@@ -7,11 +7,12 @@ import socket
 
 
 def check_can_listen(host: str, port: int | None, flag: str) -> None:
-    """ValueError naming `flag` when nothing can listen on host:port (port None or 0: skipped).
+    """ValueError naming `flag` when nothing can listen on host:port (port None: skipped; 0:
+    the host alone, as a free port is always there on a host this machine has).
 
     The probe sets SO_REUSEADDR as grpc and uvicorn do, so a port left in TIME_WAIT by a
     previous run counts as free and only a live listener counts as in use."""
-    if not port:
+    if port is None:
         return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

@@ -24,6 +24,7 @@ from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from server.access_log import AccessLog
 from server.config import ServerConfig
+from server.listen_check import check_can_listen
 from server.stats_logger import StatsLogger
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -169,6 +170,15 @@ def _stats(prompt: int, generated: int, running: int = 0, waiting: int = 0,
                        num_kv_blocks=40, kv_cache_usage=0.25, prefix_cache_hit_rate=0.5,
                        num_preemptions=preemptions, num_generated_tokens=generated,
                        num_prompt_tokens_computed=prompt)
+
+
+def test_port_0_still_checks_the_host():
+    """--port=0 (a free port) on a host this machine does not have is the one-line error, not
+    grpc's RuntimeError at bind (192.0.2.1 is TEST-NET-1, never a local address)."""
+    with pytest.raises(ValueError, match=r"--port: 192\.0\.2\.1:0 cannot be listened on"):
+        check_can_listen("192.0.2.1", 0, "port")
+    check_can_listen("127.0.0.1", 0, "port")
+    check_can_listen("192.0.2.1", None, "http_port")  # unset: nothing to check
 
 
 def test_stats_line_gives_rates_over_the_interval_and_is_silent_when_idle():
