@@ -43,6 +43,8 @@ DEFAULT_PROMPTS = ["The capital of France is", "Photosynthesis is the process by
 
 def _prompts() -> list[str]:
     prompts = list(FLAGS.prompt or [])
+    if "" in prompts:
+        raise ValueError("--prompt: an empty prompt; give some text")
     if FLAGS.prompts_file:
         with open(FLAGS.prompts_file) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
@@ -69,6 +71,14 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     initialize_distributed_from_flags()
+    prompts = None
+    if distributed.is_leader():  # (the prompts file may be on process 0's host only)
+        try:  # before the model loads, as the flags are
+            prompts = _prompts()
+        except OSError as e:
+            raise app.UsageError(f"--prompts_file: {e.strerror}: {FLAGS.prompts_file!r}") from e
+        except ValueError as e:
+            raise app.UsageError(str(e)) from e
     t0 = time.perf_counter()
     try:  # a bad checkpoint, a mesh that does not fit, a limit past the model's: named
         params = sampling_params_from_flags(
@@ -81,13 +91,12 @@ def main(argv):
     if not distributed.is_leader():  # run process 0's steps until it is done
         engine.runner.follow()
         return 0
-    prompts = _prompts()
-    try:  # no chat template, or one that refuses the messages
+    try:  # no chat template, or one that refuses the messages; a prompt past the context
         requests = [_chat_prompt_ids(engine, p) for p in prompts] if FLAGS.chat else prompts
+        t1 = time.perf_counter()
+        ids = [engine.add_request(p, params) for p in requests]
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    t1 = time.perf_counter()
-    ids = [engine.add_request(p, params) for p in requests]
     done = {}
     steps = 0
     while engine.has_unfinished_requests:

@@ -99,6 +99,8 @@ def test_each_user_error_is_one_line_and_exit_status_2():
         (("serve", tiny, "--tensor_parallel=3", *LIMITS), "needs 3 devices; 1 are available"),
         (("serve", tiny, f"--port={port}", *LIMITS), f"127.0.0.1:{port} is in use"),
         (("router", "--backends="), "backends must list at least one backend"),
+        (("run", "--prompts_file=/no/such/file"), "--prompts_file: No such file or directory"),
+        (("run", tiny, "--prompt=", *LIMITS), "--prompt: an empty prompt"),
         (("bogus", "--no_such_flag"), "unknown command 'bogus'"),
     ]
     try:
