@@ -68,8 +68,14 @@ def check_before_start(engine_config: EngineConfig, server_config: ServerConfig)
     line: the model, the engine limits and mesh against it, and the ports (ValueError or
     FileNotFoundError naming what is wrong)."""
     check_model_against_flags(engine_config)
-    for port, flag in ((server_config.port, "port"), (server_config.http_port, "http_port"),
-                       (server_config.metrics_port, "metrics_port")):
+    ports = ((server_config.port, "port"), (server_config.http_port, "http_port"),
+             (server_config.metrics_port, "metrics_port"))
+    taken = {}
+    for port, flag in ports:  # (0 picks a free port each time: never shared)
+        if port and port in taken:
+            raise ValueError(f"--{flag}={port} is --{taken[port]}'s too; give each its own port")
+        taken.setdefault(port, flag)
+    for port, flag in ports:
         check_can_listen(server_config.host, port, flag)
 
 
