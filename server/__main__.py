@@ -77,6 +77,9 @@ def check_before_start(engine_config: EngineConfig, server_config: ServerConfig)
         taken.setdefault(port, flag)
     for port, flag in ports:
         check_can_listen(server_config.host, port, flag)
+    for path, flag in ((server_config.tls_cert, "tls_cert"), (server_config.tls_key, "tls_key")):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{flag}: no such file: {path!r}")
 
 
 async def serve(engine_factory: Callable[[], Engine], server_config: ServerConfig) -> int:

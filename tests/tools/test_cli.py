@@ -100,6 +100,8 @@ def test_each_user_error_is_one_line_and_exit_status_2():
         (("serve", tiny, f"--port={port}", *LIMITS), f"127.0.0.1:{port} is in use"),
         (("serve", tiny, "--port=0", "--http_port=18093", "--metrics_port=18093", *LIMITS),
          "--metrics_port=18093 is --http_port's too"),
+        (("serve", tiny, "--port=0", "--tls_cert=/no/cert.pem", "--tls_key=/no/key.pem", *LIMITS),
+         "--tls_cert: no such file: '/no/cert.pem'"),
         (("router", "--backends="), "backends must list at least one backend"),
         (("run", "--prompts_file=/no/such/file"), "--prompts_file: No such file or directory"),
         (("run", tiny, "--prompt=", *LIMITS), "--prompt: an empty prompt"),
