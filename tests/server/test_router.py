@@ -444,7 +444,8 @@ def test_entry_point_routes_then_stops_on_sigterm(cluster):
     a = cluster.backend("a")
     bad = subprocess.run([sys.executable, "-m", "server.router", "--backends=localhost"],
                          cwd=REPO, capture_output=True, text=True, timeout=30)
-    assert bad.returncode == 1 and "'localhost' is not host:port" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("jaxserve router: error: ")  # one line
+    assert "'localhost' is not host:port" in bad.stderr
     process = subprocess.Popen(
         [sys.executable, "-m", "server.router", f"--backends={a.address}", "--port=0",
          "--health_check_interval_s=0.05"],
