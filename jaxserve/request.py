@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from jaxserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from jaxserve.spec_decode import SpecState
+    from jaxserve.speculative.spec_decode import SpecState
 
 
 class SequenceStatus(enum.Enum):
@@ -28,7 +28,7 @@ class Sequence:
     `num_computed_tokens`: its blocks come back from host memory).
 
     `num_pending` counts tokens sampled by a dispatched step whose value the host has not read
-    yet (the overlapped loop, jaxserve/engine.py): they count in `num_tokens` (the scheduler
+    yet (the overlapped loop, jaxserve/engine/engine.py): they count in `num_tokens` (the scheduler
     runs them) but not in `token_ids`; the runner feeds them from the device's copy.
     """
 
@@ -54,13 +54,13 @@ class Sequence:
     # When n > 1: the other samples, forked from this sequence when its prompt is done.
     fork_children: list["Sequence"] = dataclasses.field(default_factory=list)
     num_pending: int = 0
-    slot: int = -1  # its row in the runner's persistent batch while running (jaxserve/input_batch.py)
+    slot: int = -1  # its row in the runner's persistent batch while running (jaxserve/worker/input_batch.py)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
     # Log-probabilities, filled when params.logprobs is not None.
     output_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
-    # Speculative decoding (jaxserve/spec_decode.py): None when the engine does not speculate.
+    # Speculative decoding (jaxserve/speculative/spec_decode.py): None when the engine does not speculate.
     spec: "SpecState | None" = None
 
     @property

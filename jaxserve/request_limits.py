@@ -11,7 +11,7 @@ INVALID_ARGUMENT (OUT_OF_RANGE for a prompt longer than the context, as before).
 - A token-id prompt is refused by its length alone, before its ids are looked at.
 - Stop strings: at most MAX_STOP_STRINGS, each at most MAX_STOP_STRING_CHARS characters.
   Matching them costs time linear in the new text per step whatever their size
-  (jaxserve/stop_matcher.py); these bound the memory a request holds for them and the text
+  (jaxserve/engine/stop_matcher.py); these bound the memory a request holds for them and the text
   held back while it may still begin one.
 - stop_token_ids: at most EngineConfig.max_stop_token_ids (they are fixed on device), checked
   by the engine.

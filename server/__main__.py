@@ -22,24 +22,24 @@ from typing import Callable
 from absl import app, flags, logging
 
 from jaxserve.config import EngineConfig
-from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE
-from jaxserve.engine import Engine
+from jaxserve.model_io.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE
+from jaxserve.engine.engine import Engine
 from server.config import ServerConfig
 from server.grpc_server import GrpcServer
 from server.openai.http_server import HttpServer
-from jaxserve import cli_app
-from jaxserve.dataclass_flags import define_flags
-from jaxserve.flags import (FLAGS, check_model_against_flags, engine_class_from_flags,
-                            engine_config_from_flags, initialize_distributed_from_flags)
+from jaxserve.cli import cli_app
+from jaxserve.cli.dataclass_flags import define_flags
+from jaxserve.cli.flags import (FLAGS, check_model_against_flags, engine_class_from_flags,
+                                engine_config_from_flags, initialize_distributed_from_flags)
 from server.listen_check import check_can_listen
 from server.stats_logger import StatsLogger
 from sharding import distributed
 
 # --model, the engine flags (one per EngineConfig field) and the multi-host flags are
-# jaxserve/flags.py's, shared with every jaxserve command. The server flags: one per ServerConfig
+# jaxserve/cli/flags.py's, shared with every jaxserve command. The server flags: one per ServerConfig
 # field (--host, --port, --http_port, --max_pending, --grace_period_s, --tls_cert, --auth_token,
 # --metrics_port, --watchdog_timeout_s, --log_stats_interval_s, --access_log, ...), with its
-# default and the help of its docstring (jaxserve/dataclass_flags.py).
+# default and the help of its docstring (jaxserve/cli/dataclass_flags.py).
 SERVER = define_flags(ServerConfig, "server")
 flags.DEFINE_boolean("grpc", True, "Serve gRPC on --port; --nogrpc serves the HTTP API alone "
                      "(with --http_port).")
@@ -169,7 +169,7 @@ def main(argv: list[str]) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`jaxserve serve`: main() under jaxserve/cli_app.py's flag parsing and error handling."""
+    """`jaxserve serve`: main() under jaxserve/cli/cli_app.py's flag parsing and error handling."""
     cli_app.run(main, "serve", argv)
 
 

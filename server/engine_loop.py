@@ -36,12 +36,12 @@ import logging
 import sys
 import threading
 
-from jaxserve.engine import Engine, EngineStats
+from jaxserve.engine.engine import Engine, EngineStats
 from jaxserve.outputs import RequestOutput, merge_outputs
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-# jax's and the runner's compile entry points (jax/_src/stages.py, compiler.py; jaxserve/runner.py)
+# jax's and the runner's compile entry points (jax/_src/stages.py, compiler.py; jaxserve/worker/runner.py)
 _COMPILE_FUNCTIONS = frozenset({"compile", "compile_or_get_cached", "backend_compile_and_load",
                                 "_compiled", "compile_all"})
 

@@ -20,8 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxserve.engine import Engine
-from jaxserve.generation_defaults import GenerationDefaults
+from jaxserve.engine.engine import Engine
+from jaxserve.model_io.generation_defaults import GenerationDefaults
 from server.admission import Admission
 from server.auth import BearerTokenInterceptor
 from server.config import ServerConfig

@@ -13,7 +13,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from jaxserve.engine import EngineStats
+from jaxserve.engine.engine import EngineStats
 from jaxserve.outputs import RequestOutput
 from server.metrics_http import MetricsHttpServer
 

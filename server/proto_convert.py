@@ -4,8 +4,8 @@ Pure functions and one small stateful encoder (StreamEncoder: what each sample h
 far, so that a stream carries only what is new). No gRPC context, no engine thread.
 """
 
-from jaxserve.engine import Engine
-from jaxserve.generation_defaults import GenerationDefaults
+from jaxserve.engine.engine import Engine
+from jaxserve.model_io.generation_defaults import GenerationDefaults
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from server.config import ServerConfig
@@ -31,7 +31,7 @@ def prompt_from_request(request: pb.GenerateRequest) -> str | list[int]:
 
 def chat_from_request(request: pb.ChatRequest) -> tuple[list[dict], bool]:
     """(the conversation as jaxserve.LLM.chat takes it, add_generation_prompt: default True).
-    The messages are checked where they are rendered (jaxserve/chat_template.py)."""
+    The messages are checked where they are rendered (jaxserve/model_io/chat_template.py)."""
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
     return messages, (request.add_generation_prompt
                       if request.HasField("add_generation_prompt") else True)

@@ -17,7 +17,7 @@ into one): `split_stream_response` cuts such a message into several under the li
 """
 
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.tokenizer import Tokenizer
+from jaxserve.model_io.tokenizer import Tokenizer
 from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 
 _VARINT = 5  # a non-negative int32 as a varint, at most

@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter
 
-from jaxserve import cli_app
+from jaxserve.cli import cli_app
 from server.auth import BearerTokenInterceptor
 from server.backend_pool import SERVICE_NAME, BackendPool, BackendStats, NoBackendError
 from server.config import RouterConfig
@@ -266,7 +266,7 @@ def main(argv: list[str]) -> None:
 
 def cli(argv: list[str] | None = None) -> None:
     """`jaxserve router` (and python -m server.router): its flags defined, then main() under
-    jaxserve/cli_app.py's flag parsing and error handling."""
+    jaxserve/cli/cli_app.py's flag parsing and error handling."""
     define_flags()
     cli_app.run(main, "router", argv)
 

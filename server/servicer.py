@@ -3,7 +3,7 @@
 Generate, Complete and Chat share one path (`_outputs`): take an admission slot, turn the proto
 into a prompt and SamplingParams, add the request through the engine loop, then read its outputs
 until the last. Chat differs only in its prompt: the messages rendered by the model's chat
-template (jaxserve/chat_template.py).
+template (jaxserve/model_io/chat_template.py).
 
 Work that grows with the request (tokenizing, templating, checking token ids, detokenizing) runs
 on a small pool of worker threads, never on the event loop or the engine thread: health checks
@@ -36,8 +36,8 @@ import time
 
 import grpc
 
-from jaxserve.chat_template import NoChatTemplateError, encode_chat
-from jaxserve.generation_defaults import GenerationDefaults
+from jaxserve.model_io.chat_template import NoChatTemplateError, encode_chat
+from jaxserve.model_io.generation_defaults import GenerationDefaults
 from jaxserve.outputs import RequestOutput
 from jaxserve.request_limits import prompt_byte_limit, utf8_size
 from server import proto_convert, reply_size

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Callable
 
-from jaxserve.engine import EngineStats
+from jaxserve.engine.engine import EngineStats
 
 logger = logging.getLogger(__name__)
 

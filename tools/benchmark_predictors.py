@@ -17,7 +17,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from jaxserve.length_predictor import PREDICTORS, RequestMetadata, make_predictor
+from jaxserve.core.length_predictor import PREDICTORS, RequestMetadata, make_predictor
 from jaxserve.sim.workload import WorkloadSpec, generate_workload
 
 flags.DEFINE_integer("train", 4000, "Finished requests to learn from before scoring.")

@@ -40,11 +40,11 @@ import grpc
 from absl import app, flags
 from tqdm import tqdm
 
-from jaxserve.default_model import jaxserve_cache_dir
+from jaxserve.model_io.default_model import jaxserve_cache_dir
 from jaxserve.sim.workload import SimRequest, generate_workload
 from tools import serving_stats
 from tools.workload_flags import workload_spec
-from jaxserve.flags import FLAGS, engine_class_from_flags, engine_config_from_flags
+from jaxserve.cli.flags import FLAGS, engine_class_from_flags, engine_config_from_flags
 
 flags.DEFINE_enum("backend", "grpc", ["grpc", "openai"], "The server's protocol: jaxserve's gRPC "
                   "(--target), or any OpenAI-compatible HTTP server (--base_url).")

@@ -14,7 +14,7 @@ itself: the machinery's overhead at full acceptance).
 
 Greedy decoding, the model's chat template. One engine per k (0: speculative_method "none"),
 all loaded at once (each with KV blocks for max_num_seqs x max_model_len unless
---num_kv_blocks), other engine flags as given (jaxserve.flags). Each (workload, batch) runs once
+--num_kv_blocks), other engine flags as given (jaxserve.cli.flags). Each (workload, batch) runs once
 per engine to warm up (compiling its shapes), then --repeats times, the engines interleaved; the
 median run is kept. Writes summary.json under --out_dir and prints one line per result.
 """
@@ -28,9 +28,9 @@ import jax
 from absl import app, flags
 
 from jaxserve import Engine, SamplingParams
-from jaxserve.chat_template import encode_chat
-from jaxserve.flags import FLAGS, engine_config_from_flags
-from jaxserve.spec_decode import spec_decode_stats
+from jaxserve.model_io.chat_template import encode_chat
+from jaxserve.cli.flags import FLAGS, engine_config_from_flags
+from jaxserve.speculative.spec_decode import spec_decode_stats
 
 flags.DEFINE_list("ks", ["0", "2", "4", "6"], "Speculative tokens per step; 0: no speculation.")
 flags.DEFINE_list("methods", ["ngram"], "Speculative methods to run for each k > 0: ngram, "

@@ -29,8 +29,8 @@ import numpy as np
 from absl import app, flags
 
 from jaxserve import Engine, SamplingParams
-from jaxserve.flags import FLAGS, engine_config_from_flags
-from jaxserve.spec_decode import spec_decode_stats
+from jaxserve.cli.flags import FLAGS, engine_config_from_flags
+from jaxserve.speculative.spec_decode import spec_decode_stats
 from tools import hf_peer
 
 flags.DEFINE_string("shape", None, "A model shape from tools/model_shapes/ (random weights).")

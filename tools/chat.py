@@ -19,11 +19,11 @@ from typing import Callable, TextIO
 from absl import app
 
 from jaxserve import LLM, SamplingParams
-from jaxserve import cli_app
-from jaxserve.default_model import resolve_model_path
-from jaxserve.flags import FLAGS, engine_config_from_flags
-from jaxserve.generation_defaults import GenerationDefaults
-from jaxserve.sampling_flags import sampling_params_from_flags
+from jaxserve.cli import cli_app
+from jaxserve.model_io.default_model import resolve_model_path
+from jaxserve.cli.flags import FLAGS, engine_config_from_flags
+from jaxserve.model_io.generation_defaults import GenerationDefaults
+from jaxserve.cli.sampling_flags import sampling_params_from_flags
 import tools.run  # noqa: F401  (--system, --precompile)
 
 COMMANDS = "/reset starts over; /exit, Ctrl-D or Ctrl-C ends"
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`jaxserve chat`: main() under jaxserve/cli_app.py's flag parsing and error handling."""
+    """`jaxserve chat`: main() under jaxserve/cli/cli_app.py's flag parsing and error handling."""
     FLAGS.set_default("max_tokens", 512)  # a reply, not SamplingParams' 16 tokens
     cli_app.run(main, "chat", argv)
 

@@ -14,7 +14,7 @@ sampling flags. Only the chosen command's module is imported, so only its flags 
 import importlib
 import sys
 
-from jaxserve import cli_app
+from jaxserve.cli import cli_app
 
 # command -> (module, one line for the usage)
 COMMANDS = {

@@ -14,8 +14,8 @@ import time
 import grpc
 from absl import app, flags
 
-from jaxserve import cli_app
-from jaxserve.sampling_flags import given_sampling_fields
+from jaxserve.cli import cli_app
+from jaxserve.cli.sampling_flags import given_sampling_fields
 from jaxserve.sampling_params import SamplingParams
 from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 from server.gen.jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc
@@ -23,7 +23,7 @@ from tools.grpc_channel import open_channel
 
 flags.DEFINE_string("target", "127.0.0.1:50051", "host:port of the server.")
 flags.DEFINE_string("prompt", "Once upon a time", "The prompt text.")
-# The sampling flags (jaxserve/sampling_flags.py) given are sent; the server applies the model's
+# The sampling flags (jaxserve/cli/sampling_flags.py) given are sent; the server applies the model's
 # defaults, then SamplingParams', to the fields not sent.
 flags.DEFINE_string("auth_token", "", "Bearer token, if the server wants one.")
 flags.DEFINE_string("tls_ca", "", "PEM root certificate: connect with TLS.")
@@ -71,7 +71,7 @@ def main(argv):
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`jaxserve client`: main() under jaxserve/cli_app.py's flag parsing and error handling."""
+    """`jaxserve client`: main() under jaxserve/cli/cli_app.py's flag parsing and error handling."""
     cli_app.run(main, "client", argv)
 
 

@@ -11,9 +11,9 @@ import shutil
 
 from absl import app, flags
 
-from jaxserve.checkpoint import ORBAX_SUBDIR, load_model, save_orbax
-from jaxserve.default_model import resolve_model_path
-from jaxserve.flags import FLAGS  # --model and --dtype, defined once for every tool
+from jaxserve.model_io.checkpoint import ORBAX_SUBDIR, load_model, save_orbax
+from jaxserve.model_io.default_model import resolve_model_path
+from jaxserve.cli.flags import FLAGS  # --model and --dtype, defined once for every tool
 
 flags.DEFINE_string("out", None, "Output folder (must not exist yet).", required=True)
 

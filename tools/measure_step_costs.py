@@ -27,9 +27,9 @@ import numpy as np
 from absl import app, flags
 
 from jaxserve import Engine, EngineConfig, SamplingParams
-from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.model_io.default_model import BUILTIN_MODEL
 from jaxserve.request import Sequence
-from jaxserve.scheduler import ScheduledSeq, SchedulerOutput
+from jaxserve.core.scheduler import ScheduledSeq, SchedulerOutput
 
 flags.DEFINE_string("model", BUILTIN_MODEL, "Checkpoint folder, or the built-in tiny model.")
 flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Weights and activations.")

@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from jaxserve import Engine, SamplingParams
-from jaxserve.flags import FLAGS, engine_config_from_flags
+from jaxserve.cli.flags import FLAGS, engine_config_from_flags
 from tools.benchmark_throughput import SHAPES_DIR, _decoding, run_batch
 
 flags.DEFINE_integer("profile_steps", 40, "Decode steps under the profiler.")

@@ -18,14 +18,14 @@ import time
 from absl import app, flags
 
 from jaxserve import Engine
-from jaxserve import cli_app
-from jaxserve.chat_template import encode_chat
-from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE, resolve_model_path
-from jaxserve.generation_defaults import GenerationDefaults
+from jaxserve.cli import cli_app
+from jaxserve.model_io.chat_template import encode_chat
+from jaxserve.model_io.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE, resolve_model_path
+from jaxserve.model_io.generation_defaults import GenerationDefaults
 from sharding import distributed
-from jaxserve.flags import (FLAGS, engine_class_from_flags, engine_config_from_flags,
-                            initialize_distributed_from_flags)
-from jaxserve.sampling_flags import sampling_params_from_flags
+from jaxserve.cli.flags import (FLAGS, engine_class_from_flags, engine_config_from_flags,
+                                initialize_distributed_from_flags)
+from jaxserve.cli.sampling_flags import sampling_params_from_flags
 
 flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
 flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
@@ -139,7 +139,7 @@ def main(argv):
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`jaxserve run`: main() under jaxserve/cli_app.py's flag parsing and error handling."""
+    """`jaxserve run`: main() under jaxserve/cli/cli_app.py's flag parsing and error handling."""
     cli_app.run(main, "run", argv)
 
 

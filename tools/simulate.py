@@ -23,12 +23,12 @@ import time
 import numpy as np
 from absl import app, flags
 
-from jaxserve.length_predictor import OraclePredictor
-from jaxserve.scheduling_policy import MLFQPolicy, make_policy
+from jaxserve.core.length_predictor import OraclePredictor
+from jaxserve.core.scheduling_policy import MLFQPolicy, make_policy
 from jaxserve.sim import SimResult, Simulator, StepCostModel, generate_workload, load_trace
 from tools import serving_stats
 from tools.workload_flags import workload_spec
-from jaxserve.flags import FLAGS, engine_config_from_flags
+from jaxserve.cli.flags import FLAGS, engine_config_from_flags
 
 flags.DEFINE_list("policies", ["fcfs", "priority", "sjf", "sjf:oracle", "srpt", "mlfq", "fair"],
                   "Policies to compare; name[:predictor], predictor 'oracle' = true lengths; "

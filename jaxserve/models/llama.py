@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxserve.attention import AttentionMetadata, KVCache, paged_attention, write_kv
+from jaxserve.worker.attention import AttentionMetadata, KVCache, paged_attention, write_kv
 from jaxserve.config import ModelConfig
 from pallas_kernels.ring_attention import ring_attention
 from sharding.mesh import constrain, token_spec

@@ -15,11 +15,11 @@ from collections.abc import Iterable
 import numpy as np
 
 from jaxserve.config import EngineConfig
-from jaxserve.kv_cache import KVCacheManager
+from jaxserve.core.kv_cache import KVCacheManager
 from jaxserve.request import Sequence
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.scheduler import Scheduler
-from jaxserve.scheduling_policy import SchedulingPolicy
+from jaxserve.core.scheduler import Scheduler
+from jaxserve.core.scheduling_policy import SchedulingPolicy
 from jaxserve.sim.step_cost import StepCostModel
 from jaxserve.sim.workload import SimRequest
 

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 
-from jaxserve.chat_template import NoChatTemplateError, encode_chat
+from jaxserve.model_io.chat_template import NoChatTemplateError, encode_chat
 from jaxserve.outputs import RequestOutput
 from jaxserve.request_limits import check_prompt_size, prompt_byte_limit, utf8_size
 from jaxserve.sampling_params import SamplingParams

@@ -1,8 +1,8 @@
 """An OpenAI request's sampling fields -> jaxserve.SamplingParams, as the gRPC server does it:
 the fields a request sets win, the model's generation defaults fill the rest
-(jaxserve/generation_defaults.py), then the endpoint's fallback, then SamplingParams' own."""
+(jaxserve/model_io/generation_defaults.py), then the endpoint's fallback, then SamplingParams' own."""
 
-from jaxserve.generation_defaults import GenerationDefaults
+from jaxserve.model_io.generation_defaults import GenerationDefaults
 from jaxserve.sampling_params import SamplingParams
 
 # Same names in the request and in SamplingParams.

@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: a conversation rendered by the model's chat template (as the Chat
-RPC and LLM.chat render it, jaxserve/chat_template.py), then one engine request with `n`
+RPC and LLM.chat render it, jaxserve/model_io/chat_template.py), then one engine request with `n`
 samples; "chat.completion" objects out, whole or streamed as "chat.completion.chunk"s.
 
 max_completion_tokens (or the older max_tokens) unset: the model's default, else up to the end
@@ -9,7 +9,7 @@ of the context, as vLLM and OpenAI do for chat. logprobs: true, top_logprobs: N.
 import time
 import uuid
 
-from jaxserve.chat_template import NoChatTemplateError
+from jaxserve.model_io.chat_template import NoChatTemplateError
 from server.openai import sse
 from server.openai.engine_requests import RequestGroup, encode_messages
 from server.openai.errors import APIError, from_value_error

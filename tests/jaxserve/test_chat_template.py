@@ -1,4 +1,4 @@
-"""Chat templates (jaxserve/chat_template.py) against Hugging Face transformers' apply_chat_template
+"""Chat templates (jaxserve/model_io/chat_template.py) against Hugging Face transformers' apply_chat_template
 (goldens in tests/fixtures/chat/golden.json, from tools/make_chat_goldens.py): a folder's
 tokenizer_config.json and SmolLM2's GGUF metadata; the sandbox, the template's own errors, bad
 messages, and where templates and special tokens are read from."""
@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from jaxserve.chat_template import ChatTemplate, NoChatTemplateError, encode_chat
-from jaxserve.tokenizer import Tokenizer
+from jaxserve.model_io.chat_template import ChatTemplate, NoChatTemplateError, encode_chat
+from jaxserve.model_io.tokenizer import Tokenizer
 from tests.conftest import fixture_path
 from tools.make_gguf_fixtures import smollm2_path
 

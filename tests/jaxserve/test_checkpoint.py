@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jaxserve.checkpoint import ORBAX_SUBDIR, load_model, save_orbax
+from jaxserve.model_io.checkpoint import ORBAX_SUBDIR, load_model, save_orbax
 from tests.conftest import build_engine, fixture_path, run_to_completion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -136,7 +136,7 @@ def test_inv_freq_and_unknown_tensors_are_skipped(tmp_path, llama3_f32, caplog):
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
     tensors["model.something_else.weight"] = np.ones(3, np.float32)
     save_file(tensors, os.path.join(folder, "model.safetensors"))
-    with caplog.at_level(logging.WARNING, logger="jaxserve.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="jaxserve.model_io.checkpoint"):
         params = flat_params(load_model(folder, "float32", progress=False))
     assert_same_params(params, llama3_f32)
     assert "model.something_else.weight" in caplog.text

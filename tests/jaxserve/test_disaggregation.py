@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.disaggregation import DisaggregatedEngine
-from jaxserve.runner import kv_block_bytes
+from jaxserve.engine.disaggregation import DisaggregatedEngine
+from jaxserve.worker.runner import kv_block_bytes
 from jaxserve.sampling_params import SamplingParams
 from tests.conftest import build_engine, fixture_path, run_to_completion
 from tests.jaxserve.test_engine_consistency import GREEDY, PROMPTS, generate
@@ -194,7 +194,7 @@ def test_llm_text_and_stop_strings_equal_one_engine():
     # The built-in model has a tokenizer: text, held-back stop-string tails and stop strings
     # cross the hand-over as in one engine.
     from jaxserve import LLM
-    from jaxserve.default_model import BUILTIN_MODEL
+    from jaxserve.model_io.default_model import BUILTIN_MODEL
     args = dict(model=BUILTIN_MODEL, precompile=False, progress=False, dtype="float32",
                 max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, block_size=8)
     prompts = ["The quick brown fox", "Once upon a time", "jax"]

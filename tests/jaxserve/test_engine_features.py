@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM, Engine, EngineConfig, SamplingParams
-from jaxserve.default_model import builtin_model_dir
+from jaxserve.model_io.default_model import builtin_model_dir
 from tests.conftest import fixture_path, run_to_completion
 
 with open(os.path.join(fixture_path("llama3"), "golden.json")) as f:

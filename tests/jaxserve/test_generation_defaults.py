@@ -13,9 +13,9 @@ import pytest
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.config import ModelConfig
-from jaxserve.default_model import (BUILTIN_MODEL, DEFAULT_MODEL, SMOLLM2_FILE, SMOLLM2_INSTALL,
-                                    resolve_model_path)
-from jaxserve.generation_defaults import GenerationDefaults
+from jaxserve.model_io.default_model import (BUILTIN_MODEL, DEFAULT_MODEL, SMOLLM2_FILE,
+                                             SMOLLM2_INSTALL, resolve_model_path)
+from jaxserve.model_io.generation_defaults import GenerationDefaults
 from tests.conftest import fixture_path, smollm2_installed
 
 LIMITS = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=8,

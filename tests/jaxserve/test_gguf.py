@@ -16,12 +16,12 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxserve import LLM, ModelConfig, SamplingParams
-from jaxserve.checkpoint import load_model
-from jaxserve.default_model import resolve_model_path
-from jaxserve.gguf_checkpoint import (GGUFTensors, is_gguf, model_config_from_gguf, open_gguf,
-                                      resolve_gguf)
+from jaxserve.model_io.checkpoint import load_model
+from jaxserve.model_io.default_model import resolve_model_path
+from jaxserve.model_io.gguf_checkpoint import (GGUFTensors, is_gguf, model_config_from_gguf,
+                                               open_gguf, resolve_gguf)
 from jaxserve.models.llama import rope_inv_freq
-from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from jaxserve.model_io.tokenizer import IncrementalDetokenizer, Tokenizer
 from sharding.mesh import MeshShape, make_mesh
 from tests.conftest import build_engine, fixture_path, run_to_completion
 from tests.jaxserve.test_golden_parity import prefill_logits

@@ -9,8 +9,8 @@ from flax import nnx
 import numpy as np
 import pytest
 
-from jaxserve.attention import AttentionMetadata
-from jaxserve.checkpoint import load_model
+from jaxserve.worker.attention import AttentionMetadata
+from jaxserve.model_io.checkpoint import load_model
 from jaxserve.sampling_params import SamplingParams
 from tests.conftest import fixture_path, run_to_completion
 

@@ -2,7 +2,7 @@
 
 import itertools
 
-from jaxserve.kv_cache import KVCacheManager
+from jaxserve.core.kv_cache import KVCacheManager
 from jaxserve.request import Sequence
 from jaxserve.sampling_params import SamplingParams
 

@@ -7,16 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from jaxserve.length_predictor import (
-    PREDICTORS,
-    HybridPredictor,
-    MeanPredictor,
-    OraclePredictor,
-    RangeClassifier,
-    RequestMetadata,
-    make_predictor,
-    prompt_features,
-)
+from jaxserve.core.length_predictor import (PREDICTORS, HybridPredictor, MeanPredictor,
+                                            OraclePredictor, RangeClassifier, RequestMetadata,
+                                            make_predictor, prompt_features)
 from jaxserve.sim.workload import WorkloadSpec, generate_workload
 
 LEARNED = ["heuristic", "regressor", "classifier", "ranker", "hybrid"]

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.chat_template import NoChatTemplateError
-from jaxserve.default_model import BUILTIN_MODEL, builtin_model_dir
+from jaxserve.model_io.chat_template import NoChatTemplateError
+from jaxserve.model_io.default_model import BUILTIN_MODEL, builtin_model_dir
 from tests.conftest import fixture_path
 from tools.make_gguf_fixtures import smollm2_path
 

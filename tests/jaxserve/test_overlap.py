@@ -1,4 +1,4 @@
-"""The overlapped loop (EngineConfig.async_scheduling, jaxserve/engine.py) against the synchronous
+"""The overlapped loop (EngineConfig.async_scheduling, jaxserve/engine/engine.py) against the synchronous
 one, which reads each step back before scheduling the next and is the reference here.
 
 The overlapped loop schedules step N+1 while step N's tokens are still on the device, so a
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.default_model import builtin_model_dir
+from jaxserve.model_io.default_model import builtin_model_dir
 from tests.conftest import build_engine, fixture_path
 
 with open(os.path.join(fixture_path("llama3"), "golden.json")) as f:
@@ -488,7 +488,7 @@ def test_stop_strings_end_the_async_run_where_the_sync_run_ends(llms):
 
 def _matches(tokenizer, prompt_ids, token_ids, stop):
     """Each occurrence of `stop` in the text of token_ids: (tokens that complete it, its index)."""
-    from jaxserve.tokenizer import IncrementalDetokenizer
+    from jaxserve.model_io.tokenizer import IncrementalDetokenizer
     detok, text, matches = IncrementalDetokenizer(tokenizer, prompt_ids), "", []
     for n, token in enumerate(token_ids, 1):
         text += detok.add(token)

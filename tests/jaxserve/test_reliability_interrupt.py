@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.model_io.default_model import BUILTIN_MODEL
 
 ENGINE_LIMITS = dict(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256, block_size=8,
                      num_kv_blocks=64, dtype="float32")

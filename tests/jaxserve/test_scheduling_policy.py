@@ -6,19 +6,12 @@ import math
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.length_predictor import OraclePredictor
+from jaxserve.core.length_predictor import OraclePredictor
 from jaxserve.request import Sequence
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.scheduler import ScheduledSeq
-from jaxserve.scheduling_policy import (
-    FairSharePolicy,
-    FCFSPolicy,
-    MLFQPolicy,
-    PriorityPolicy,
-    SJFPolicy,
-    SRPTPolicy,
-    make_policy,
-)
+from jaxserve.core.scheduler import ScheduledSeq
+from jaxserve.core.scheduling_policy import (FairSharePolicy, FCFSPolicy, MLFQPolicy,
+                                             PriorityPolicy, SJFPolicy, SRPTPolicy, make_policy)
 from jaxserve.sim import SimRequest, Simulator, StepCostModel
 
 STEP_S = 1e-3

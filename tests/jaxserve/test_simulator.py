@@ -8,25 +8,11 @@ import pytest
 
 from jaxserve import SamplingParams
 from jaxserve.config import EngineConfig
-from jaxserve.length_predictor import OraclePredictor, make_predictor
-from jaxserve.scheduling_policy import (
-    FairSharePolicy,
-    FCFSPolicy,
-    MLFQPolicy,
-    PriorityPolicy,
-    SJFPolicy,
-    SRPTPolicy,
-    make_policy,
-)
-from jaxserve.sim import (
-    SimRequest,
-    Simulator,
-    StepCostModel,
-    WorkloadSpec,
-    generate_workload,
-    load_trace,
-    save_trace,
-)
+from jaxserve.core.length_predictor import OraclePredictor, make_predictor
+from jaxserve.core.scheduling_policy import (FairSharePolicy, FCFSPolicy, MLFQPolicy,
+                                             PriorityPolicy, SJFPolicy, SRPTPolicy, make_policy)
+from jaxserve.sim import (SimRequest, Simulator, StepCostModel, WorkloadSpec, generate_workload,
+                          load_trace, save_trace)
 
 
 def test_step_cost_interpolates_and_clamps():

@@ -1,4 +1,4 @@
-"""Speculative decoding with n-gram proposals (jaxserve/spec_decode.py): the config's checks, the
+"""Speculative decoding with n-gram proposals (jaxserve/speculative/spec_decode.py): the config's checks, the
 proposer, and greedy outputs equal to the engine's without speculation, on the golden fixture
 (k = 1, 3, 5) and on the built-in tiny model (whose untrained output repeats itself, so
 proposals are often accepted) under batching, chunked prefill, preemption, penalties,
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from jaxserve import Engine, EngineConfig, LLM, SamplingParams
-from jaxserve.default_model import BUILTIN_MODEL
-from jaxserve.spec_decode import (ACCEPTANCE_WINDOW, MAX_STEPS_WITHOUT_PROPOSAL, SpecState,
-                                  propose_ngram)
-from jaxserve.default_model import smollm2_path
+from jaxserve.model_io.default_model import BUILTIN_MODEL
+from jaxserve.speculative.spec_decode import (ACCEPTANCE_WINDOW, MAX_STEPS_WITHOUT_PROPOSAL,
+                                              SpecState, propose_ngram)
+from jaxserve.model_io.default_model import smollm2_path
 from tests.conftest import build_engine, fixture_path, run_to_completion, smollm2_installed
 
 SPEC = dict(speculative_method="ngram", speculative_min_acceptance=0.0, ngram_min=1)
@@ -226,7 +226,7 @@ def test_an_always_wrong_draft_accepts_nothing_and_keeps_the_output(tiny, wrong_
 
 def test_prometheus_reports_acceptance_rate_and_mean_accepted_length():
     from prometheus_client import generate_latest
-    from jaxserve.engine import EngineStats
+    from jaxserve.engine.engine import EngineStats
     from server.metrics import ServerMetrics
     stats = EngineStats(num_waiting=0, num_running=0, num_free_blocks=1, num_kv_blocks=1,
                         kv_cache_usage=0.0, prefix_cache_hit_rate=0.0, num_preemptions=0,

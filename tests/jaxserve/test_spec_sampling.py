@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.sampler import SamplerMode, sample
-from jaxserve.spec_sampling import verify_proposals
+from jaxserve.sample.sampler import SamplerMode, sample
+from jaxserve.sample.spec_sampling import verify_proposals
 from tests.jaxserve.test_sampler import (CHI2_999, chi_square, metadata, reference_keep,
                                          softmax64)
 

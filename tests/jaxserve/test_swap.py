@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.kv_cache import KVCacheManager
-from jaxserve.runner import kv_block_bytes
+from jaxserve.core.kv_cache import KVCacheManager
+from jaxserve.worker.runner import kv_block_bytes
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.scheduler import Scheduler
-from jaxserve.scheduling_policy import FCFSPolicy, MLFQPolicy
-from jaxserve.swap import HostKVStore, SwapSpace
+from jaxserve.core.scheduler import Scheduler
+from jaxserve.core.scheduling_policy import FCFSPolicy, MLFQPolicy
+from jaxserve.core.swap import HostKVStore, SwapSpace
 from sharding.mesh import MeshShape, make_mesh
 from tests.conftest import build_engine
 from tests.jaxserve.test_engine_consistency import PROMPTS, generate

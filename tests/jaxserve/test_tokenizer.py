@@ -4,8 +4,8 @@ over tokens, held-back tails, invalid byte sequences."""
 import numpy as np
 import pytest
 
-from jaxserve.default_model import builtin_model_dir
-from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from jaxserve.model_io.default_model import builtin_model_dir
+from jaxserve.model_io.tokenizer import IncrementalDetokenizer, Tokenizer
 
 BOS, EOS = 1, 2
 TEXTS = [

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from jaxserve import Engine, EngineConfig
-from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.model_io.default_model import BUILTIN_MODEL
 from server.config import ServerConfig
 from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 from server.gen.jaxserve.v1 import jaxserve_pb2_grpc as pb_grpc

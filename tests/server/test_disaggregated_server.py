@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from jaxserve import LLM, DisaggregatedEngine, EngineConfig, SamplingParams
-from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.model_io.default_model import BUILTIN_MODEL
 from server.config import ServerConfig
 from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 from tests.server.conftest import ENGINE_LIMITS, ServerThread, greedy

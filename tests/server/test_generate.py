@@ -5,7 +5,7 @@ import concurrent.futures
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.model_io.default_model import BUILTIN_MODEL
 from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 from tests.server.conftest import ENGINE_LIMITS, greedy
 

@@ -6,7 +6,7 @@ import os
 import shutil
 
 from jaxserve import Engine, EngineConfig, SamplingParams
-from jaxserve.generation_defaults import GenerationDefaults
+from jaxserve.model_io.generation_defaults import GenerationDefaults
 from server import proto_convert
 from server.gen.jaxserve.v1 import jaxserve_pb2 as pb
 from tests.conftest import fixture_path

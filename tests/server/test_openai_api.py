@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.chat_template import encode_chat
+from jaxserve.model_io.chat_template import encode_chat
 from jaxserve.sim.workload import WorkloadSpec, generate_workload
 from tests.jaxserve.test_llm_chat import CONVERSATION, builtin_with_chat_template
 from tests.server.conftest import ENGINE_LIMITS

@@ -12,9 +12,9 @@ import pytest
 
 from jaxserve import SamplingParams
 from jaxserve.request import Sequence
-from jaxserve.runner import _bucket
-from jaxserve.scheduler import ScheduledSeq
-from jaxserve.step_inputs import build_step
+from jaxserve.worker.runner import _bucket
+from jaxserve.core.scheduler import ScheduledSeq
+from jaxserve.worker.step_inputs import build_step
 from tests.conftest import build_engine, fixture_path, run_to_completion
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")

@@ -4,7 +4,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxserve.checkpoint import abstract_model
+from jaxserve.model_io.checkpoint import abstract_model
 from jaxserve.config import ModelConfig
 from sharding.mesh import MeshShape, validate
 from sharding.partition_rules import kv_cache_spec, param_rules, param_specs, spec_for

@@ -36,7 +36,7 @@ def test_short_or_chunked_prompts_skip_the_ring():
     runner = engine.runner
     from jaxserve.request import Sequence
     from jaxserve.sampling_params import SamplingParams
-    from jaxserve.scheduler import ScheduledSeq
+    from jaxserve.core.scheduler import ScheduledSeq
     seq = Sequence(0, "r", 0, list(LONG), SamplingParams(), 0, 0.0)
     assert runner._ring_eligible(ScheduledSeq(seq, 0, 100, True))
     assert not runner._ring_eligible(ScheduledSeq(seq, 0, 50, False))  # a chunk

@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 from safetensors.numpy import load_file, save_file
 
-import jaxserve.checkpoint as checkpoint
-from jaxserve.checkpoint import ORBAX_SUBDIR, load_model, save_orbax
+import jaxserve.model_io.checkpoint as checkpoint
+from jaxserve.model_io.checkpoint import ORBAX_SUBDIR, load_model, save_orbax
 from sharding.mesh import MeshShape, make_mesh
 from tests.conftest import fixture_path
 from tests.sharding.conftest import need_devices

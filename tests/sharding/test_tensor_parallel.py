@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from jaxserve import Engine, EngineConfig
-from jaxserve.sampler import SamplerMode
+from jaxserve.sample.sampler import SamplerMode
 from tests.conftest import build_engine, fixture_path
 from tests.sharding.conftest import (assert_close, collective_counts, engine_for, golden, greedy,
                                      last_position_logits, need_devices)

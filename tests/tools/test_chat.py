@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.default_model import BUILTIN_MODEL
+from jaxserve.model_io.default_model import BUILTIN_MODEL
 from tests.jaxserve.test_llm_chat import ENGINE_LIMITS, builtin_with_chat_template
 from tools.chat import chat
 

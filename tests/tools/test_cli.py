@@ -1,4 +1,4 @@
-"""The `jaxserve` command (tools/cli.py, jaxserve/cli_app.py), run in subprocesses as a user
+"""The `jaxserve` command (tools/cli.py, jaxserve/cli/cli_app.py), run in subprocesses as a user
 would: --help lists the engine and sampling flags under the same names in every command; each
 user error is one line on stderr and exit status 2; `serve` writes the stats and access logs.
 The stats and access log lines themselves are checked in-process against hand-worked numbers."""
@@ -18,8 +18,8 @@ import urllib.request
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.default_model import BUILTIN_MODEL
-from jaxserve.engine import EngineStats
+from jaxserve.model_io.default_model import BUILTIN_MODEL
+from jaxserve.engine.engine import EngineStats
 from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from server.access_log import AccessLog
@@ -219,7 +219,7 @@ def test_access_log_line():
 
 
 def test_attribute_docs_read_grouped_names_and_continuation_lines():
-    from jaxserve.dataclass_flags import attribute_docs, name_flags
+    from jaxserve.cli.dataclass_flags import attribute_docs, name_flags
 
     @dataclasses.dataclass(frozen=True)
     class Toy:
@@ -240,7 +240,7 @@ def test_attribute_docs_read_grouped_names_and_continuation_lines():
                                    "b": "the first two, over two lines.", "c": "the third."}
     assert attribute_docs(EngineConfig)["seed"].startswith(
         "seeds the per-request sampling seeds")
-    import jaxserve.flags  # noqa: F401  (defines the engine flags, so their names are known)
+    import jaxserve.cli.flags  # noqa: F401  (defines the engine flags, so their names are known)
     assert name_flags("EngineConfig.seed must be >= 0; EngineConfig.nope") == \
         "--engine_seed must be >= 0; EngineConfig.nope"
 

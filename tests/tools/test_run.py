@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from jaxserve.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE, builtin_model_dir
+from jaxserve.model_io.default_model import BUILTIN_MODEL, UNTRAINED_NOTICE, builtin_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIMITS = ["--max_num_seqs=4", "--max_num_batched_tokens=64", "--max_model_len=128",

@@ -1,0 +1,1 @@
+"""Sampling on the device: the sampler and the verification of speculative proposals."""

@@ -1,0 +1,1 @@
+"""Speculative decoding's proposers: n-gram prompt lookup and a draft model."""
