@@ -35,10 +35,11 @@ from jaxserve.model_io.checkpoint import load_model
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model_io.default_model import jaxserve_cache_dir, resolve_model_path
 from jaxserve.core.kv_cache import KVCacheManager
-from jaxserve.engine.kv_handoff import KVHandoff, KVLayout, SeqHandoff
+from jaxserve.engine import handoff
+from jaxserve.engine.kv_handoff import KVHandoff, KVLayout
 from jaxserve.engine.output_processor import RequestState, append_token, make_output, release_held
 from jaxserve.outputs import RequestOutput
-from jaxserve.request import Sequence, SequenceStatus
+from jaxserve.request import Sequence
 from jaxserve.request_limits import check_prompt_size, check_prompt_tokens
 from jaxserve.worker.runner import ModelRunner
 from jaxserve.sampling_params import SamplingParams
@@ -240,130 +241,14 @@ class Engine:
     def export_request(self, request_id: str) -> KVHandoff:
         """Takes a request ready for hand-over out of this engine, with a host copy of the K/V
         of its live samples; frees its blocks (the full ones stay in the prefix cache)."""
-        if self.config.disaggregation_role != "prefill":
-            raise ValueError("export_request needs EngineConfig.disaggregation_role 'prefill'")
-        if not self.ready_for_handoff(request_id):
-            raise ValueError(f"request {request_id!r} is not ready for hand-over (unknown, "
-                             "finished, or its prompt has not run)")
-        req = self.requests[request_id]
-        bs = self.config.block_size
-        seqs = []
-        for seq in req.seqs:
-            live = not seq.is_finished
-            blocks = seq.block_table[:-(-seq.num_computed_tokens // bs)] if live else []
-            seqs.append(SeqHandoff(
-                index=seq.index, seed=seq.seed, output_token_ids=list(seq.output_token_ids),
-                output_logprobs=list(seq.output_logprobs),
-                num_computed_tokens=seq.num_computed_tokens,
-                kv=self.runner.host_kv.read(self.runner.kv_caches, blocks),
-                first_scheduled_time=seq.first_scheduled_time,
-                first_token_time=seq.first_token_time,
-                num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
-                text=req.texts[seq.index], held=req.held[seq.index],
-                stop_reason=req.stop_reasons[seq.index],
-                finish_reason=seq.finish_reason, finished_time=seq.finished_time))
-        for seq in req.seqs:
-            if not seq.is_finished:
-                self._finish_seq(seq, "handoff")
-        del self.requests[request_id]
-        return KVHandoff(request_id=request_id, prompt=req.prompt,
-                         prompt_token_ids=list(req.prompt_token_ids), params=req.params,
-                         arrival_time=req.arrival_time, priority=req.seqs[0].priority,
-                         client_id=req.seqs[0].client_id, layout=self.kv_layout, seqs=seqs)
+        return handoff.export_request(self, request_id)
 
-    def import_request(self, handoff: KVHandoff) -> bool:
+    def import_request(self, kv_handoff: KVHandoff) -> bool:
         """Continues a request handed over by a prefill engine: its K/V go into host slots and
         come in as a swap-in when the scheduler admits it. Returns False, changing nothing,
         while the host slots are short; raises ValueError for a hand-over this engine cannot
         take."""
-        if self.config.disaggregation_role != "decode":
-            raise ValueError("import_request needs EngineConfig.disaggregation_role 'decode'")
-        host_kv = self.runner.host_kv
-        if handoff.layout != self.kv_layout:
-            raise ValueError(f"hand-over KV layout {handoff.layout} differs from this engine's "
-                             f"{self.kv_layout}")
-        if handoff.request_id in self.requests:
-            raise ValueError(f"request_id {handoff.request_id!r} is already in use")
-        self._validate(handoff.prompt_token_ids, handoff.params)
-        if [h.index for h in handoff.seqs] != list(range(handoff.params.n)):
-            raise ValueError(f"hand-over has samples {[h.index for h in handoff.seqs]}; "
-                             f"SamplingParams.n is {handoff.params.n}")
-        longest = max(s.num_computed_tokens + 1 for s in handoff.seqs)
-        if longest > self.config.max_model_len:
-            raise ValueError(f"hand-over of {longest} tokens exceeds max_model_len "
-                             f"({self.config.max_model_len})")
-        self._check_handoff_seqs(handoff, host_kv.data)
-        if handoff.num_blocks > self.scheduler.swap.num_slots:
-            raise ValueError(f"hand-over of {handoff.num_blocks} KV blocks exceeds this engine's "
-                             f"{self.scheduler.swap.num_slots} host slots (swap_space_gib)")
-        slots = self.scheduler.swap.allocate(handoff.num_blocks)
-        if slots is None:
-            return False
-        try:
-            self._take_handoff(handoff, slots)
-        except Exception:
-            self.scheduler.swap.free(slots)
-            raise
-        return True
-
-    def _check_handoff_seqs(self, handoff: KVHandoff, host_data) -> None:
-        """Each live sample: its tokens in the vocabulary, all but the last one computed, K/V
-        blocks of the shape and dtype that this engine stores."""
-        vocab, bs = self.model_config.vocab_size, self.config.block_size
-        num_prompt = len(handoff.prompt_token_ids)
-        for h in handoff.seqs:
-            if any(not 0 <= t < vocab for t in h.output_token_ids):
-                raise ValueError(f"hand-over sample {h.index}: output_token_ids outside the "
-                                 f"vocabulary [0, {vocab})")
-            if h.finish_reason is not None:
-                continue
-            if not h.output_token_ids or h.num_computed_tokens != num_prompt + len(
-                    h.output_token_ids) - 1:
-                raise ValueError(f"hand-over sample {h.index}: num_computed_tokens "
-                                 f"{h.num_computed_tokens} must be all its tokens but the last "
-                                 f"({num_prompt} prompt + {len(h.output_token_ids)} output - 1)")
-            shape = (-(-h.num_computed_tokens // bs), *host_data.shape[1:])
-            if h.kv.shape != shape or h.kv.dtype != host_data.dtype:
-                raise ValueError(f"hand-over sample {h.index}: kv is {h.kv.dtype}{list(h.kv.shape)}"
-                                 f"; expected {host_data.dtype}{list(shape)}")
-
-    def _take_handoff(self, handoff: KVHandoff, slots: list[int]) -> None:
-        host_kv = self.runner.host_kv
-        params, prompt_ids = handoff.params, handoff.prompt_token_ids
-        seqs, detoks = [], []
-        for h in handoff.seqs:
-            seq = Sequence(next(self._seq_ids), handoff.request_id, h.index, list(prompt_ids),
-                           params, h.seed, handoff.arrival_time, priority=handoff.priority,
-                           client_id=handoff.client_id, output_token_ids=list(h.output_token_ids),
-                           output_logprobs=list(h.output_logprobs),
-                           num_cached_prompt_tokens=h.num_cached_prompt_tokens,
-                           first_scheduled_time=h.first_scheduled_time,
-                           first_token_time=h.first_token_time)
-            detok = None
-            if h.finish_reason is not None:
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, h.finish_reason
-                seq.finished_time = h.finished_time
-            else:
-                seq.num_computed_tokens = h.num_computed_tokens
-                seq.swap_slots, slots = slots[:h.kv.shape[0]], slots[h.kv.shape[0]:]
-                host_kv.data[seq.swap_slots] = h.kv
-                if self.tokenizer:  # the same state as the prefill engine's, replayed
-                    detok = IncrementalDetokenizer(self.tokenizer, prompt_ids,
-                                                   params.skip_special_tokens)
-                    for token in h.output_token_ids:
-                        detok.add(token)
-            seqs.append(seq)
-            detoks.append(detok)
-        self.requests[handoff.request_id] = RequestState(
-            handoff.request_id, handoff.prompt, list(prompt_ids), params, seqs,
-            handoff.arrival_time, detoks, [h.text for h in handoff.seqs],
-            [h.stop_reason for h in handoff.seqs], [h.held for h in handoff.seqs],
-            # The prefill engine's outputs carried these already.
-            sent_tokens=[len(h.output_token_ids) for h in handoff.seqs],
-            sent_chars=[len(h.text) for h in handoff.seqs])
-        for seq in seqs:
-            if not seq.is_finished:
-                self.scheduler.add(seq)
+        return handoff.import_request(self, kv_handoff)
 
     # ----- one step ----------------------------------------------------------------------
     @property
