@@ -45,6 +45,8 @@ from jaxserve.worker.step_fn import copy_all, forward_fn, sample_fn, update_tabl
 from jaxserve.worker.step_inputs import build_sampling, build_step
 from jaxserve.core.swap import HostKVStore
 from sharding import distributed
+from jaxserve.worker.buckets import (bucket_sizes, pick_bucket, pow2_between, pow2_bucket,
+                                     pow2_upto, seq_bucket_sizes)
 from sharding.mesh import TOKEN_AXES, MeshShape, axis_size, make_mesh, replicated, round_up
 from sharding.partition_rules import kv_cache_spec, kv_heads_sharded, param_rules, param_shardings
 
@@ -54,47 +56,6 @@ _KINDS = ("forward", "ring", "decode")  # the compiled forward functions
 # Device calls, by their code in a multi-host header: (op, a, b, c).
 _OP_TABLE, _OP_COPY, _OP_FORWARD, _OP_SAMPLE = 1, 2, 3, 4
 _HEADER_LEN = 4
-
-
-def bucket_sizes(lo: int, hi: int, coarse_below: int = 256) -> list[int]:
-    """lo, 4 lo, 16 lo, ... up to coarse_below, then doubling, then hi itself."""
-    sizes, size = [], min(lo, hi)
-    while size < hi:
-        sizes.append(size)
-        size *= 4 if size < coarse_below else 2
-    return sizes + [hi]
-
-
-def seq_bucket_sizes(hi: int) -> list[int]:
-    """Decode batch sizes: 2, 4, then every 8 up to 256, then every 16, and hi itself.
-
-    No 1: XLA turns a lone token's K/V scatter into a dynamic-update-slice that copies the
-    layer's whole cache; a second (padding) row costs nothing next to the weights' traffic.
-    """
-    sizes = [2, 4] + list(range(8, 257, 8))
-    sizes += list(range(272, hi + 1, 16))
-    return sorted({s for s in sizes if s < hi} | {hi})
-
-
-def pow2_bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _pow2_upto(n: int) -> list[int]:
-    """1, 2, 4, ... up to the first power of two >= n."""
-    return [1 << i for i in range(pow2_bucket(n).bit_length())]
-
-
-def _pow2_between(lo: int, hi: int) -> list[int]:
-    """lo, 2 lo, 4 lo, ... below hi, then hi."""
-    return [lo << i for i in range(max(hi // lo, 1).bit_length()) if lo << i < hi] + [hi]
-
-
-def _bucket(sizes: list[int], n: int) -> int:
-    for size in sizes:
-        if size >= n:
-            return size
-    raise ValueError(f"batch of {n} exceeds the largest bucket {sizes[-1]}")
 
 
 def kv_block_bytes(model: ModelConfig, block_size: int, dtype) -> int:
@@ -158,14 +119,14 @@ class ModelRunner:
         speculative = config.speculative_method != "none"
         token_sizes = set(bucket_sizes(16, config.max_num_batched_tokens))
         if speculative:  # verification steps of k + 1 tokens a sequence: every power of two
-            token_sizes |= set(_pow2_between(8, config.max_num_batched_tokens))
+            token_sizes |= set(pow2_between(8, config.max_num_batched_tokens))
         self.token_buckets = sorted({round_up(t, token_shards) for t in token_sizes})
         # Speculating sequences sample k + 1 rows each: never more rows than tokens (and the
         # buckets do not depend on k).
         max_rows = config.max_num_batched_tokens if speculative else config.max_num_seqs
         self.seq_buckets = bucket_sizes(8, max_rows)
         if speculative:  # padding rows cost a row of logits each: finer
-            self.seq_buckets = sorted(set(self.seq_buckets) | set(_pow2_between(8, max_rows)))
+            self.seq_buckets = sorted(set(self.seq_buckets) | set(pow2_between(8, max_rows)))
         self.ring_buckets = self._ring_buckets()
         # Decode-only steps run T = S over fine buckets (the paged decode kernel under Pallas).
         # Only without token sharding, where every device holds all the step's rows.
@@ -282,8 +243,8 @@ class ModelRunner:
         num_modes = 16 if self.config.speculative_method != "none" else 8
         keys += [("sample", s, _mode_of(bits)) for s in self.sample_buckets
                  for bits in range(num_modes) if _mode_of(bits).random or not bits & 8]
-        keys += [("table", n) for n in _pow2_upto(self.block_tables.size)]
-        keys += [("copy", n) for n in _pow2_upto(self.config.max_num_seqs)]
+        keys += [("table", n) for n in pow2_upto(self.block_tables.size)]
+        keys += [("copy", n) for n in pow2_upto(self.config.max_num_seqs)]
         for key in tqdm(keys, desc="compiling step buckets", disable=not progress):
             self._compiled(key)
         if self.host_kv is not None:
@@ -378,12 +339,12 @@ class ModelRunner:
         decode = (not ring and bool(self.decode_buckets)
                   and all(item.num_tokens == 1 for item in items))
         if decode:
-            S = _bucket(self.decode_buckets, max(len(items), num_rows))
+            S = pick_bucket(self.decode_buckets, max(len(items), num_rows))
             kind, T = "decode", S
         else:
-            S = _bucket(self.seq_buckets, max(len(items), num_rows, 1))
+            S = pick_bucket(self.seq_buckets, max(len(items), num_rows, 1))
             kind = "ring" if ring else "forward"
-            T = _bucket(self.ring_buckets if ring else self.token_buckets, max(num_tokens, S))
+            T = pick_bucket(self.ring_buckets if ring else self.token_buckets, max(num_tokens, S))
         self.kind_counts[kind] += 1
         step = build_step(items, self.batch, T, S)
         sampling = build_sampling(step.rows, self.batch, S, self.config.max_model_len,

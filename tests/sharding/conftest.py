@@ -12,7 +12,7 @@ import pytest
 
 from jaxserve import SamplingParams
 from jaxserve.request import Sequence
-from jaxserve.worker.runner import _bucket
+from jaxserve.worker.buckets import pick_bucket
 from jaxserve.core.scheduler import ScheduledSeq
 from jaxserve.worker.step_inputs import build_step
 from tests.conftest import build_engine, fixture_path, run_to_completion
@@ -72,7 +72,7 @@ def last_position_logits(engine, prompt: list[int], ring: bool = False) -> np.nd
     kinds = ("forward", "ring", "decode")
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        T = _bucket(runner.ring_buckets if ring else runner.token_buckets, max(end - start, S))
+        T = pick_bucket(runner.ring_buckets if ring else runner.token_buckets, max(end - start, S))
         step = build_step([ScheduledSeq(seq, start, end - start, end == n)], runner.batch, T, S)
         runner._apply((3, kinds.index("ring" if ring else "forward"), T, S),
                       (step.token_data, step.seq_data))
