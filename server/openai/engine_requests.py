@@ -59,6 +59,22 @@ async def encode_messages(core, messages: list[dict], add_generation_prompt: boo
     return ids
 
 
+def check_context(core, prompts: list[list[int]], max_tokens: int | None, param: str) -> None:
+    """An explicit max_tokens that does not fit beside its prompt is refused (400), as vLLM's
+    OpenAI server does, instead of quietly ending at the context's end. max_tokens None (the
+    request gave none) keeps the engine's behaviour: generate until max_model_len."""
+    limit = core.engine_loop.engine.config.max_model_len
+    if max_tokens is None:
+        return
+    for prompt in prompts:
+        if len(prompt) + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, "
+                                f"you requested {len(prompt) + max_tokens} tokens ({len(prompt)} "
+                                f"in the prompt, {max_tokens} in the completion). Reduce the "
+                                f"length of the prompt or {param}.", param=param,
+                           code="context_length_exceeded")
+
+
 class RequestGroup:
     def __init__(self, core, prompts: list[list[int]], params: SamplingParams, *,
                  priority: int = 0, client_id: str = "", renames: dict[str, str] | None = None,

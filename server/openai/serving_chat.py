@@ -11,7 +11,7 @@ import uuid
 
 from jaxserve.model_io.chat_template import NoChatTemplateError
 from server.openai import sse
-from server.openai.engine_requests import RequestGroup, encode_messages
+from server.openai.engine_requests import RequestGroup, check_context, encode_messages
 from server.openai.errors import APIError, from_value_error
 from server.openai.logprobs import TokenTexts, chat_logprobs
 from server.openai.protocol import ChatCompletionRequest
@@ -60,6 +60,8 @@ class ChatCall:
             raise APIError(400, str(e), param="messages") from e
         except ValueError as e:
             raise from_value_error(e, self._renames) from e
+        check_context(self._core, [prompt], max_tokens, "max_completion_tokens"
+                      if r.max_completion_tokens is not None else "max_tokens")
         self.group = RequestGroup(self._core, [prompt], params, priority=r.priority,
                                   client_id=r.user or "", renames=self._renames,
                                   path="/v1/chat/completions")

@@ -10,7 +10,7 @@ import uuid
 
 from jaxserve.outputs import RequestOutput
 from server.openai import sse
-from server.openai.engine_requests import RequestGroup, encode_prompt
+from server.openai.engine_requests import RequestGroup, check_context, encode_prompt
 from server.openai.errors import APIError, from_value_error
 from server.openai.logprobs import CompletionLogprobs, TokenTexts
 from server.openai.protocol import CompletionRequest
@@ -43,6 +43,7 @@ class CompletionCall:
                                      max_tokens=r.max_tokens, logprobs=r.logprobs)
         except ValueError as e:
             raise from_value_error(e) from e
+        check_context(self._core, prompts, r.max_tokens, "max_tokens")
         self.group = RequestGroup(self._core, prompts, params, priority=r.priority,
                                   client_id=r.user or "", path="/v1/completions")
         await self.group.open()

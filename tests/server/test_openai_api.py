@@ -225,6 +225,10 @@ def _error(response: httpx.Response, status: int, param=None) -> dict:
     ("/v1/completions", {"prompt": [1, 2, 999]}, "prompt", "vocabulary"),
     ("/v1/completions", {"prompt": [1, True]}, "prompt", None),
     ("/v1/completions", {"prompt": "x" * 300}, "prompt", "max_model_len"),
+    ("/v1/completions", {"prompt": "x" * 20, "max_tokens": 250}, "max_tokens",
+     "maximum context length is 256 tokens"),
+    ("/v1/chat/completions", {"messages": CONVERSATION, "max_completion_tokens": 256},
+     "max_completion_tokens", "in the completion"),
     ("/v1/chat/completions", {"messages": []}, "messages", "non-empty"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages",
      "no tools here"),
@@ -243,7 +247,7 @@ def test_bad_requests_are_400_naming_the_field(api, path, body, param, says):
     assert error["param"] == param or error["param"].startswith(param + "."), error
     if says is not None:
         assert says in error["message"], error
-    if says == "max_model_len":
+    if says == "max_model_len" or "completion" in (says or ""):
         assert error["code"] == "context_length_exceeded"
 
 
