@@ -43,6 +43,18 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+def check_supported(request) -> None:
+    """APIError 400 for the first field this server does not implement (set to other than its
+    neutral value), and for stream_options without stream: a completion or chat request."""
+    unsupported = request.unsupported_fields()
+    if unsupported:
+        raise APIError(400, f"{unsupported[0]} is not supported by this server",
+                       param=unsupported[0])
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options: only allowed with stream: true",
+                       param="stream_options")
+
+
 def from_validation_error(error: pydantic.ValidationError) -> APIError:
     """400 naming the first bad field as a dotted path (messages.0.role)."""
     first = error.errors()[0]

@@ -12,7 +12,7 @@ import uuid
 from jaxserve.model_io.chat_template import NoChatTemplateError
 from server.openai import sse
 from server.openai.engine_requests import RequestGroup, check_context, encode_messages
-from server.openai.errors import APIError, from_value_error
+from server.openai.errors import APIError, check_supported, from_value_error
 from server.openai.logprobs import TokenTexts, chat_logprobs
 from server.openai.protocol import ChatCompletionRequest
 from server.openai.sampling import sampling_params
@@ -38,13 +38,7 @@ class ChatCall:
 
     async def open(self) -> None:
         r = self.request
-        unsupported = r.unsupported_fields()
-        if unsupported:
-            raise APIError(400, f"{unsupported[0]} is not supported by this server",
-                           param=unsupported[0])
-        if r.stream_options is not None and not r.stream:
-            raise APIError(400, "stream_options: only allowed with stream: true",
-                           param="stream_options")
+        check_supported(r)
         if r.top_logprobs is not None and not r.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         max_tokens = (r.max_completion_tokens if r.max_completion_tokens is not None

@@ -11,7 +11,7 @@ import uuid
 from jaxserve.outputs import RequestOutput
 from server.openai import sse
 from server.openai.engine_requests import RequestGroup, check_context, encode_prompt
-from server.openai.errors import APIError, from_value_error
+from server.openai.errors import APIError, check_supported, from_value_error
 from server.openai.logprobs import CompletionLogprobs, TokenTexts
 from server.openai.protocol import CompletionRequest
 from server.openai.sampling import sampling_params
@@ -30,13 +30,7 @@ class CompletionCall:
 
     async def open(self) -> None:
         r = self.request
-        unsupported = r.unsupported_fields()
-        if unsupported:
-            raise APIError(400, f"{unsupported[0]} is not supported by this server",
-                           param=unsupported[0])
-        if r.stream_options is not None and not r.stream:
-            raise APIError(400, "stream_options: only allowed with stream: true",
-                           param="stream_options")
+        check_supported(r)
         try:
             prompts = [await encode_prompt(self._core, p) for p in r.prompts()]
             params = sampling_params(r, self._core.servicer.generation_defaults,
