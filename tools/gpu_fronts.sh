@@ -35,21 +35,11 @@ RATES=${RATES:-"4 8 16"}
 PORT=${PORT:-50051}
 HTTP_PORT=${HTTP_PORT:-8000}
 
-if ls .wheels/*.whl > /dev/null 2>&1 && ! python -c "import fastapi, uvicorn, httpx, gguf, absl,
+. "$(dirname "$0")/gpu_common.sh"
+STEP_TAIL=14
+install_wheels .wheels "import fastapi, uvicorn, httpx, gguf, absl,
 tqdm, prometheus_client, grpc_health.v1.health, grpc_reflection,
-server.gen.jaxserve.v1.jaxserve_pb2_grpc" 2> /dev/null; then
-  python -m pip install --quiet --no-deps --target /tmp/jaxserve-extra .wheels/*.whl
-  export PYTHONPATH=/tmp/jaxserve-extra${PYTHONPATH:+:$PYTHONPATH}
-fi
-
-step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs to $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  echo "== $name: $*"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name: exit $? after $((SECONDS - t0)) s"
-  tail -n 14 "$OUT/$name.log"
-}
+server.gen.jaxserve.v1.jaxserve_pb2_grpc"
 
 [ $# -gt 0 ] || set -- usage
 for stage in "$@"; do

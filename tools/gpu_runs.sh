@@ -15,21 +15,9 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxserve-jax-
 SHAPE8B=tools/model_shapes/llama3-8b
 ENGINE8B="--model=$SHAPE8B --random_weights --max_model_len=2048 --max_num_seqs=64"
 
-if ls .whl/*.whl > /dev/null 2>&1 && \
-    ! python -c "import grpc_health.v1.health, grpc_reflection, prometheus_client,
-server.gen.jaxserve.v1.jaxserve_pb2_grpc" 2> /dev/null; then
-  python -m pip install --quiet --no-deps --target /tmp/jaxserve-extra .whl/*.whl
-  export PYTHONPATH=/tmp/jaxserve-extra${PYTHONPATH:+:$PYTHONPATH}
-fi
-
-step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs to $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  echo "== $name: $*"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name: exit $? after $((SECONDS - t0)) s"
-  tail -n 25 "$OUT/$name.log"
-}
+. "$(dirname "$0")/gpu_common.sh"
+install_wheels .whl "import grpc_health.v1.health, grpc_reflection, prometheus_client,
+server.gen.jaxserve.v1.jaxserve_pb2_grpc"
 
 [ $# -gt 0 ] || set -- usage
 for stage in "$@"; do
