@@ -102,24 +102,32 @@ def test_drain_aborts_what_outlives_the_grace_period(make_server):
     assert server.wait_idle()
 
 
-def test_sigterm_lets_running_streams_finish_then_exits():
+def start_server_process(args: list[str], port_pattern: str):
+    """`python -m server` on the built-in model with the test limits and `args`, as a child
+    process: (process, its log lines as they come, a future of the port `port_pattern`'s
+    group 1 finds in the log)."""
     limits = [f"--{k}={v}" for k, v in ENGINE_LIMITS.items()]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
     cache = os.environ.get("JAXSERVE_TEST_JAX_CACHE", "/tmp/jaxserve-test-jax-cache")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model=builtin:tiny-llama", "--port=0",
-         "--noprecompile", "--grace_period_s=60", f"--compilation_cache_dir={cache}", *limits],
-        cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        [sys.executable, "-m", "server", "--model=builtin:tiny-llama", *args, "--noprecompile",
+         "--grace_period_s=60", f"--compilation_cache_dir={cache}", *limits],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, text=True)
     log, port = [], concurrent.futures.Future()
 
     def read_log():
         for line in process.stderr:
             log.append(line)
-            found = re.search(r"JaxServe on 127\.0\.0\.1:(\d+)", line)
+            found = re.search(port_pattern, line)
             if found and not port.done():
                 port.set_result(int(found.group(1)))
 
     threading.Thread(target=read_log, daemon=True).start()
+    return process, log, port
+
+
+def test_sigterm_lets_running_streams_finish_then_exits():
+    process, log, port = start_server_process(["--port=0"], r"JaxServe on 127\.0\.0\.1:(\d+)")
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port.result(60)}")
         deadline = time.monotonic() + 60

@@ -6,18 +6,16 @@ import concurrent.futures
 import json
 import logging
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.server.conftest import ENGINE_LIMITS, tiny_engine
+from tests.server.conftest import tiny_engine
 from tests.server.openai_server import HttpServerThread, get, post
+from tests.server.test_lifecycle import start_server_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LONG = 240  # tokens: with 5 ms steps, over a second; the tests act well within it
@@ -126,24 +124,8 @@ def test_disconnect_during_a_unary_call_aborts_it(slow_server):
 
 
 def test_sigterm_lets_http_streams_finish_then_exits():
-    limits = [f"--{k}={v}" for k, v in ENGINE_LIMITS.items()]
-    cache = os.environ.get("JAXSERVE_TEST_JAX_CACHE", "/tmp/jaxserve-test-jax-cache")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model=builtin:tiny-llama", "--nogrpc",
-         "--http_port=0", "--noprecompile", "--grace_period_s=60",
-         f"--compilation_cache_dir={cache}", *limits],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL, text=True)
-    log, port = [], concurrent.futures.Future()
-
-    def read_log():
-        for line in process.stderr:
-            log.append(line)
-            found = re.search(r"HTTP API on http://127\.0\.0\.1:(\d+)", line)
-            if found and not port.done():
-                port.set_result(int(found.group(1)))
-
-    threading.Thread(target=read_log, daemon=True).start()
+    process, log, port = start_server_process(["--nogrpc", "--http_port=0"],
+                                              r"HTTP API on http://127\.0\.0\.1:(\d+)")
     try:
         base_url = f"http://127.0.0.1:{port.result(60)}"
         deadline = time.monotonic() + 60
